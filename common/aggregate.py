@@ -1,0 +1,104 @@
+"""Server-side maths without Flower: validate hospital updates, average them, take the outer step."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common.maml import Params
+
+
+class InvalidUpdate(ValueError):
+    """A hospital's reply cannot be aggregated; the message says why."""
+
+
+def validate_update(
+    arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], *, max_norm: float | None = None
+) -> float:
+    """Check one update against the global model's names and shapes; return its global L2 norm.
+
+    Rejects missing or extra names, wrong shapes, non-float32 dtypes, NaN/Inf and (when
+    `max_norm` is given) a norm above it.
+    """
+    names, want = set(arrays), set(expected)
+    if names != want:
+        missing, extra = sorted(want - names), sorted(names - want)
+        raise InvalidUpdate(f"array names differ from the model (missing {missing[:5]}, unexpected {extra[:5]})")
+    sq = 0.0
+    for name, shape in expected.items():
+        a = arrays[name]
+        if not isinstance(a, np.ndarray):
+            raise InvalidUpdate(f"'{name}' is not an array")
+        if tuple(a.shape) != tuple(shape):
+            raise InvalidUpdate(f"'{name}' has shape {tuple(a.shape)}, expected {tuple(shape)}")
+        if a.dtype != np.float32:
+            raise InvalidUpdate(f"'{name}' has dtype {a.dtype}, expected float32")
+        if not np.isfinite(a).all():
+            raise InvalidUpdate(f"'{name}' contains NaN or Inf")
+        sq += float(np.square(a, dtype=np.float64).sum())
+    norm = sq ** 0.5
+    if max_norm is not None and norm > max_norm:
+        raise InvalidUpdate(f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}")
+    return norm
+
+
+def weighted_mean(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
+    """Example-weighted mean of updates (float64 accumulation, float32 result)."""
+    if not updates or len(updates) != len(weights):
+        raise ValueError("need as many weights as updates, and at least one update")
+    w = np.asarray(weights, dtype=np.float64)
+    if (w <= 0).any() or not np.isfinite(w).all():
+        raise ValueError(f"weights must be positive and finite, got {weights}")
+    w = w / w.sum()
+    return {
+        k: sum(wi * u[k].astype(np.float64) for wi, u in zip(w, updates)).astype(np.float32)
+        for k in updates[0]
+    }
+
+
+@dataclass
+class OuterOptimizer:
+    """The outer (meta) step on theta: Adam or SGD for MAML/FOMAML/Reptile, plain averaging for FedAvg.
+
+    For ``fedavg`` the aggregated update is the mean model delta and theta <- theta - delta (server
+    learning rate 1), which is FedAvg exactly. Optimiser state lives across rounds and can be
+    saved with `state_dict`.
+    """
+
+    theta: dict[str, torch.Tensor]
+    algorithm: str
+    kind: str
+    lr: float
+
+    def __post_init__(self) -> None:
+        self.theta = {k: v.detach().clone().requires_grad_(True) for k, v in self.theta.items()}
+        params = list(self.theta.values())
+        if self.kind == "adam":
+            self._opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=self.lr)
+        elif self.kind == "sgd":
+            self._opt = torch.optim.SGD(params, lr=self.lr)
+        else:
+            raise ValueError(f"unknown meta-optimizer {self.kind!r}; use adam or sgd")
+
+    def step(self, gradient: Mapping[str, np.ndarray]) -> None:
+        with torch.no_grad():
+            if self.algorithm == "fedavg":
+                for k, p in self.theta.items():
+                    p.sub_(torch.from_numpy(np.asarray(gradient[k])))
+                return
+        for k, p in self.theta.items():
+            p.grad = torch.from_numpy(np.array(gradient[k], dtype=np.float32))
+        self._opt.step()
+        self._opt.zero_grad(set_to_none=True)
+
+    def params(self) -> Params:
+        return {k: v.detach().clone() for k, v in self.theta.items()}
+
+    def state_dict(self) -> dict:
+        return self._opt.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._opt.load_state_dict(state)

@@ -1,0 +1,203 @@
+"""Run configuration: one source (`[tool.flwr.app.config]`), one validated, frozen view of it.
+
+Every key is kebab-case in the run config and snake_case here. `load_config` is the only way in:
+it checks every value and raises `ConfigError` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+ALGORITHMS = ("maml", "fomaml", "reptile", "fedavg")
+META_OPTIMIZERS = ("adam", "sgd")
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated run configuration shared by the ServerApp, every ClientApp and the scripts."""
+
+    dataset: str
+    data_dir: str
+    image_size: int
+    download: bool
+    num_hospitals: int
+    num_held_out: int
+    dirichlet_alpha: float
+    size_alpha: float
+    num_server_rounds: int
+    clients_per_round: int
+    min_replies: int
+    round_timeout: float
+    algorithm: str
+    inner_steps: int
+    inner_lr: float
+    meta_lr: float
+    meta_optimizer: str
+    batch_size: int
+    dp: bool
+    noise_multiplier: float
+    target_epsilon: float
+    target_delta: float
+    max_grad_norm: float
+    loss_clip: float
+    loss_noise_factor: float
+    shots: int
+    adapt_steps: int
+    adapt_lr: float
+    eval_every: int
+    seed: int
+    results_dir: str
+
+    @property
+    def first_order(self) -> bool:
+        """True for every algorithm except second-order MAML."""
+        return self.algorithm != "maml"
+
+    @property
+    def num_training_hospitals(self) -> int:
+        return self.num_hospitals - self.num_held_out
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Back to kebab-case keys (for summaries and checkpoints)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _get(rc: Mapping[str, Any], name: str) -> Any:
+    key = _key(name)
+    if key not in rc:
+        raise ConfigError(
+            f"run-config key '{key}' is missing; add it to [tool.flwr.app.config] in pyproject.toml "
+            f"or pass it with --run-config \"{key}=...\""
+        )
+    return rc[key]
+
+
+def _int(rc: Mapping[str, Any], name: str, *, lo: int, hi: int | None = None) -> int:
+    value = _get(rc, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ConfigError(f"run-config key '{_key(name)}' = {value!r}: must be an integer")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        allowed = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise ConfigError(f"run-config key '{_key(name)}' = {value}: must be {allowed}")
+    return value
+
+
+def _float(
+    rc: Mapping[str, Any], name: str, *, lo: float, hi: float | None = None, lo_open: bool = True
+) -> float:
+    value = _get(rc, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"run-config key '{_key(name)}' = {value!r}: must be a number")
+    value = float(value)
+    too_low = value <= lo if lo_open else value < lo
+    if value != value or too_low or (hi is not None and value > hi):
+        bound = f"> {lo}" if lo_open else f">= {lo}"
+        allowed = bound if hi is None else f"{bound} and <= {hi}"
+        raise ConfigError(f"run-config key '{_key(name)}' = {value}: must be {allowed}")
+    return value
+
+
+def _bool(rc: Mapping[str, Any], name: str) -> bool:
+    value = _get(rc, name)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ConfigError(f"run-config key '{_key(name)}' = {value!r}: must be true or false")
+
+
+def _choice(rc: Mapping[str, Any], name: str, allowed: tuple[str, ...]) -> str:
+    value = _get(rc, name)
+    if not isinstance(value, str) or value.lower() not in allowed:
+        raise ConfigError(
+            f"run-config key '{_key(name)}' = {value!r}: must be one of {', '.join(allowed)}"
+        )
+    return value.lower()
+
+
+def _str(rc: Mapping[str, Any], name: str) -> str:
+    value = _get(rc, name)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"run-config key '{_key(name)}' = {value!r}: must be a non-empty string")
+    return value
+
+
+def load_config(run_config: Mapping[str, Any]) -> Config:
+    """Validate a Flower run config (kebab-case keys) into a `Config`.
+
+    Raises `ConfigError` for the first problem found. Dataset-dependent checks (is the flag a
+    MedMNIST 2D set, is the file there) happen when the data is loaded, in `common.data`.
+    """
+    rc = dict(run_config)
+    known = {_key(f.name) for f in dataclasses.fields(Config)}
+    unknown = sorted(set(rc) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown run-config key(s) {', '.join(repr(k) for k in unknown)}; "
+            f"known keys: {', '.join(sorted(known))}"
+        )
+    cfg = Config(
+        dataset=_str(rc, "dataset").lower(),
+        data_dir=_str(rc, "data_dir"),
+        image_size=_int(rc, "image_size", lo=28),
+        download=_bool(rc, "download"),
+        num_hospitals=_int(rc, "num_hospitals", lo=2),
+        num_held_out=_int(rc, "num_held_out", lo=0),
+        dirichlet_alpha=_float(rc, "dirichlet_alpha", lo=0.0),
+        size_alpha=_float(rc, "size_alpha", lo=0.0),
+        num_server_rounds=_int(rc, "num_server_rounds", lo=1),
+        clients_per_round=_int(rc, "clients_per_round", lo=1),
+        min_replies=_int(rc, "min_replies", lo=1),
+        round_timeout=_float(rc, "round_timeout", lo=0.0),
+        algorithm=_choice(rc, "algorithm", ALGORITHMS),
+        inner_steps=_int(rc, "inner_steps", lo=1),
+        inner_lr=_float(rc, "inner_lr", lo=0.0),
+        meta_lr=_float(rc, "meta_lr", lo=0.0),
+        meta_optimizer=_choice(rc, "meta_optimizer", META_OPTIMIZERS),
+        batch_size=_int(rc, "batch_size", lo=1),
+        dp=_bool(rc, "dp"),
+        noise_multiplier=_float(rc, "noise_multiplier", lo=0.0, lo_open=False),
+        target_epsilon=_float(rc, "target_epsilon", lo=0.0),
+        target_delta=_float(rc, "target_delta", lo=0.0, hi=0.1),
+        max_grad_norm=_float(rc, "max_grad_norm", lo=0.0),
+        loss_clip=_float(rc, "loss_clip", lo=0.0),
+        loss_noise_factor=_float(rc, "loss_noise_factor", lo=0.0),
+        shots=_int(rc, "shots", lo=1),
+        adapt_steps=_int(rc, "adapt_steps", lo=0),
+        adapt_lr=_float(rc, "adapt_lr", lo=0.0),
+        eval_every=_int(rc, "eval_every", lo=1),
+        seed=_int(rc, "seed", lo=0),
+        results_dir=_str(rc, "results_dir"),
+    )
+    if cfg.image_size not in (28, 64, 128, 224):
+        raise ConfigError(f"run-config key 'image-size' = {cfg.image_size}: must be one of 28, 64, 128, 224")
+    if cfg.num_held_out >= cfg.num_hospitals:
+        raise ConfigError(
+            f"run-config key 'num-held-out' = {cfg.num_held_out}: must be smaller than "
+            f"'num-hospitals' = {cfg.num_hospitals} (at least one hospital has to train)"
+        )
+    if cfg.min_replies > cfg.clients_per_round:
+        raise ConfigError(
+            f"run-config key 'min-replies' = {cfg.min_replies}: must be <= 'clients-per-round' = "
+            f"{cfg.clients_per_round}"
+        )
+    if cfg.dp and cfg.algorithm == "maml":
+        raise ConfigError(
+            "run-config key 'algorithm' = 'maml' with 'dp' = true is refused: second-order MAML "
+            "differentiates through the inner-loop updates, so per-sample clipping of the inner "
+            "gradients does not bound each record's influence on the meta-gradient and no honest "
+            "epsilon can be stated. Use algorithm='fomaml' or 'reptile' with DP, or dp=false for 'maml'."
+        )
+    return cfg

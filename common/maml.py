@@ -1,0 +1,222 @@
+"""Functional meta-learning maths over parameter dicts (`torch.func`), no Flower, no module mutation.
+
+Algorithms (Finn et al. 2017, MAML; Nichol et al. 2018, Reptile / first-order MAML; McMahan et al.
+2017, FedAvg), all through one inner loop, `adapt`:
+
+- ``maml``: the query loss of the adapted weights, differentiated through the inner loop
+  (second order, ``create_graph=True``).
+- ``fomaml``: the same with ``first_order=True``: the query gradient taken at the adapted weights.
+- ``reptile`` and ``fedavg``: the update ``theta - phi`` of the inner loop. They differ on the server:
+  Reptile feeds it to the outer optimiser, FedAvg applies the mean update as it is.
+
+Every gradient of the loss on patient records goes through a `GradientFn`: plain mean gradients
+here, or the clipped-and-noised release from `common.privacy` when DP is on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+Params = dict[str, torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def forward(model: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
+    """Logits of `model` evaluated with `params` instead of its own parameters."""
+    return functional_call(model, params, (x,))
+
+
+def loss_fn(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (binary, multi-class and ordinal MedMNIST tasks are all single-label)."""
+    return F.cross_entropy(forward(model, params, x), y)
+
+
+def mean_gradient(
+    model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, *, create_graph: bool = False
+) -> tuple[Params, torch.Tensor]:
+    """Gradient of the mean loss with respect to `params`, and the loss itself."""
+    names = list(params)
+    loss = loss_fn(model, params, x, y)
+    grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph)
+    return dict(zip(names, grads)), loss
+
+
+def per_sample_gradients(
+    model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor
+) -> tuple[Params, torch.Tensor]:
+    """Per-record gradients ``{name: (B, *shape)}`` and per-record losses ``(B,)``.
+
+    ``vmap(grad(...))`` over the batch: each record is run as a batch of one, so nothing mixes
+    records (GroupNorm normalises within a sample). An empty batch gives empty leading dimensions.
+    """
+    detached = {k: v.detach() for k, v in params.items()}
+    if x.shape[0] == 0:
+        return {k: v.new_zeros((0, *v.shape)) for k, v in detached.items()}, x.new_zeros((0,))
+
+    def one(p: Params, xi: torch.Tensor, yi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+        return loss, loss
+
+    grads, losses = vmap(grad(one, has_aux=True), in_dims=(None, 0, 0))(detached, x, y)
+    return grads, losses
+
+
+@dataclass(frozen=True)
+class GradientRelease:
+    """One gradient computed from patient records, as it may be used downstream."""
+
+    grads: Params
+    loss: torch.Tensor  # scalar; the (possibly noised) mean loss of the batch
+
+
+# A gradient oracle: (params, batch, create_graph, release_loss) -> GradientRelease.
+GradientFn = Callable[[Params, Batch, bool], GradientRelease]
+
+
+def plain_gradient_fn(model: nn.Module) -> GradientFn:
+    """Non-private gradients of the mean loss (differentiable when ``create_graph``)."""
+
+    def fn(params: Params, batch: Batch, create_graph: bool) -> GradientRelease:
+        x, y = batch
+        if x.shape[0] == 0:
+            return GradientRelease({k: torch.zeros_like(v) for k, v in params.items()}, torch.tensor(float("nan")))
+        if not create_graph:  # first order: differentiate at these weights, as fresh leaves
+            params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        g, loss = mean_gradient(model, params, x, y, create_graph=create_graph)
+        if not create_graph:
+            g = {k: v.detach() for k, v in g.items()}
+        return GradientRelease(g, loss.detach())
+
+    return fn
+
+
+def adapt(
+    params: Params,
+    support: Iterable[Batch],
+    *,
+    inner_lr: float,
+    gradient_fn: GradientFn,
+    first_order: bool,
+) -> tuple[Params, list[torch.Tensor]]:
+    """Inner loop: one SGD step ``phi <- phi - inner_lr * g`` per support batch.
+
+    With ``first_order=False`` the steps stay in the autograd graph (second-order MAML); the
+    returned weights are then differentiable functions of `params`. Returns the adapted weights
+    and the loss of each step.
+    """
+    phi = dict(params)
+    losses = []
+    for batch in support:
+        release = gradient_fn(phi, batch, not first_order)
+        phi = {k: phi[k] - inner_lr * release.grads[k] for k in phi}
+        if first_order:
+            phi = {k: v.detach() for k, v in phi.items()}
+        losses.append(release.loss)
+    return phi, losses
+
+
+@dataclass(frozen=True)
+class MetaUpdate:
+    """What a hospital sends back: a meta-gradient (or model delta) and its reported loss."""
+
+    gradient: Params
+    loss: float
+
+
+def meta_update(
+    theta: Params,
+    *,
+    algorithm: str,
+    support: Iterable[Batch],
+    query: Batch | None,
+    inner_lr: float,
+    gradient_fn: GradientFn,
+    model: nn.Module,
+) -> MetaUpdate:
+    """The hospital's contribution for one round, for any of the four algorithms.
+
+    - maml/fomaml: the gradient of the query loss with respect to theta (through the inner loop
+      for maml, at the adapted weights for fomaml). `query` is required.
+    - reptile/fedavg: ``theta - phi``; the reported loss is that of the last inner step.
+    """
+    if algorithm not in ("maml", "fomaml", "reptile", "fedavg"):
+        raise ValueError(f"unknown algorithm {algorithm!r}; use maml, fomaml, reptile or fedavg")
+    first_order = algorithm != "maml"
+    if algorithm in ("maml", "fomaml") and query is None:
+        raise ValueError(f"algorithm {algorithm!r} needs a query batch")
+
+    if algorithm == "maml":
+        leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
+        phi, _ = adapt(leaves, support, inner_lr=inner_lr, gradient_fn=gradient_fn, first_order=False)
+        x, y = query  # type: ignore[misc]
+        q_loss = loss_fn(model, phi, x, y)
+        names = list(leaves)
+        grads = torch.autograd.grad(q_loss, [leaves[n] for n in names])
+        return MetaUpdate({n: g.detach() for n, g in zip(names, grads)}, float(q_loss.detach()))
+
+    phi, losses = adapt(
+        {k: v.detach() for k, v in theta.items()}, support,
+        inner_lr=inner_lr, gradient_fn=gradient_fn, first_order=True,
+    )
+    if algorithm == "fomaml":
+        release = gradient_fn(phi, query, False)  # type: ignore[arg-type]
+        return MetaUpdate({k: v.detach() for k, v in release.grads.items()}, float(release.loss))
+    delta = {k: (theta[k] - phi[k]).detach() for k in theta}
+    return MetaUpdate(delta, float(losses[-1]) if losses else float("nan"))
+
+
+def finetune(
+    model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, *, steps: int, lr: float
+) -> Params:
+    """Full-batch SGD on a new hospital's labelled support set (local, non-private, nothing leaves)."""
+    phi = {k: v.detach() for k, v in params.items()}
+    fn = plain_gradient_fn(model)
+    for _ in range(steps):
+        g = fn(phi, (x, y), False).grads
+        phi = {k: (phi[k] - lr * g[k]).detach() for k in phi}
+    return phi
+
+
+@dataclass(frozen=True)
+class Scores:
+    loss: float
+    accuracy: float
+    auc: float  # NaN when the evaluated set holds a single class
+
+
+def evaluate(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, *, num_classes: int) -> Scores:
+    """Accuracy (argmax) and ROC-AUC as MedMNIST reports them (binary: class-1 score; else one-vs-rest mean)."""
+    from sklearn.metrics import roc_auc_score
+
+    if x.shape[0] == 0:
+        raise ValueError("cannot evaluate on an empty set")
+    with torch.no_grad():
+        logits = forward(model, {k: v.detach() for k, v in params.items()}, x)
+        loss = float(F.cross_entropy(logits, y))
+        prob = torch.softmax(logits, dim=1).double().numpy()
+    labels = y.numpy()
+    acc = float((prob.argmax(1) == labels).mean())
+    present = np.unique(labels)
+    auc = float("nan")
+    if len(present) >= 2:
+        if num_classes == 2:
+            auc = float(roc_auc_score(labels, prob[:, 1]))
+        else:
+            # one-vs-rest mean over the classes present (a class absent from the set has no AUC)
+            aucs = [roc_auc_score(labels == c, prob[:, c]) for c in present]
+            auc = float(np.mean(aucs))
+    return Scores(loss, acc, auc)
+
+
+def batches_from(x: torch.Tensor, y: torch.Tensor, index_sets: Iterable[np.ndarray]) -> Iterator[Batch]:
+    """Lazily index a site's tensors with each index array (e.g. a fresh Poisson draw per step)."""
+    for idx in index_sets:
+        t = torch.as_tensor(idx, dtype=torch.long)
+        yield x[t], y[t]

@@ -1,0 +1,58 @@
+"""The diagnostic model: a small GroupNorm CNN sized for MedMNIST (Opacus-compatible, no BatchNorm)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+Params = dict[str, torch.Tensor]
+
+
+class SmallCNN(nn.Module):
+    """conv3x3(32)-GN-ReLU-pool, conv3x3(64)-GN-ReLU-pool, conv3x3(64)-GN-ReLU, global pool, linear.
+
+    Global average pooling makes it work for every MedMNIST size (28, 64, 128, 224); channels and
+    classes come from the dataset's `INFO`. GroupNorm keeps per-sample gradients well defined.
+    """
+
+    def __init__(self, *, in_channels: int, num_classes: int, width: int = 32, groups: int = 8) -> None:
+        super().__init__()
+        if in_channels < 1 or num_classes < 2:
+            raise ValueError(
+                f"SmallCNN needs in_channels >= 1 and num_classes >= 2, got {in_channels}, {num_classes}"
+            )
+        w2 = 2 * width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.GroupNorm(groups, width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, w2, 3, padding=1),
+            nn.GroupNorm(groups, w2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w2, w2, 3, padding=1),
+            nn.GroupNorm(groups, w2),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Linear(w2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def build_model(*, in_channels: int, num_classes: int, seed: int) -> SmallCNN:
+    """A freshly initialised model, identical for identical arguments."""
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return SmallCNN(in_channels=in_channels, num_classes=num_classes)
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+
+def get_params(model: nn.Module) -> Params:
+    """Detached copies of the model's parameters, in registration order."""
+    return {name: p.detach().clone() for name, p in model.named_parameters()}

@@ -1,0 +1,254 @@
+"""Record-level differential privacy for a hospital: clipping, noise and one accountant ledger.
+
+The mechanism (DP-SGD, Abadi et al. 2016) applied to every gradient a hospital computes from its
+records during a round:
+
+1. draw a fresh Poisson sample of the hospital's records at rate ``q`` (`common.data.poisson_sample`);
+2. per-record gradients (`common.maml.per_sample_gradients`), each clipped to L2 norm ``C``;
+3. sum, add ``N(0, (sigma*C)^2)`` to every coordinate, divide by the expected batch size ``q*n``.
+
+The same step also releases the batch's mean loss: per-record losses clipped to ``[0, L]``, summed,
+plus ``N(0, (sigma_L*L)^2)`` with ``sigma_L = loss_noise_factor * sigma``. Gradient and loss of one
+step are one Gaussian mechanism on one sample; whitened, its sensitivity is
+``sqrt(1/sigma^2 + 1/sigma_L^2)``, i.e. a Gaussian mechanism with noise multiplier
+``sigma_eff = (sigma^-2 + sigma_L^-2)^-1/2``. Every step is accounted at ``(sigma_eff, q)`` with Opacus'
+RDP accountant, which is exactly its assumption (each step a fresh Poisson sample, adaptively composed).
+
+Noise and sampling randomness come from the operating system's entropy, never from the run's
+seed: a seed known to the server would let it subtract the noise.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+from torch import nn
+
+from common.maml import Batch, GradientFn, GradientRelease, Params, per_sample_gradients
+
+ACCOUNTANT = "rdp"
+# Opacus' default RDP orders stop at 63; small noise multipliers (large epsilon targets) have their
+# optimum beyond that, so the orders are extended. Every epsilon here uses these orders.
+RDP_ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS) + tuple(float(a) for a in range(64, 257, 4))
+
+
+class PrivacyError(ValueError):
+    """A privacy setting cannot be honoured (impossible target, bad parameters)."""
+
+
+@dataclass(frozen=True)
+class PrivacySpec:
+    """How one hospital privatises its gradient steps. The unit of privacy is one patient record."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+    loss_clip: float
+    loss_noise_factor: float
+
+    def __post_init__(self) -> None:
+        if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
+            raise PrivacyError(f"noise_multiplier must be > 0 and finite, got {self.noise_multiplier}")
+        if not self.max_grad_norm > 0:
+            raise PrivacyError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if not 0 < self.delta < 1:
+            raise PrivacyError(f"delta must be in (0, 1), got {self.delta}")
+        if not (self.loss_clip > 0 and self.loss_noise_factor > 0):
+            raise PrivacyError("loss_clip and loss_noise_factor must be > 0")
+
+    @property
+    def loss_noise_multiplier(self) -> float:
+        return self.loss_noise_factor * self.noise_multiplier
+
+    @property
+    def accounted_noise_multiplier(self) -> float:
+        """Noise multiplier of the joint (gradient, loss) release of one step."""
+        return effective_noise_multiplier(self.noise_multiplier, self.loss_noise_factor)
+
+
+def effective_noise_multiplier(noise_multiplier: float, loss_noise_factor: float) -> float:
+    """sigma_eff of a step releasing a gradient (sigma) and a loss (loss_noise_factor * sigma)."""
+    return noise_multiplier / math.sqrt(1.0 + 1.0 / loss_noise_factor**2)
+
+
+def sample_rate(*, batch_size: int, num_records: int) -> float:
+    """Poisson sampling rate for an expected batch of `batch_size` out of `num_records`."""
+    if num_records < 1:
+        raise PrivacyError(f"a hospital needs at least one record, got {num_records}")
+    if batch_size < 1:
+        raise PrivacyError(f"batch size must be >= 1, got {batch_size}")
+    return min(1.0, batch_size / num_records)
+
+
+def calibrate_noise_multiplier(
+    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, loss_noise_factor: float
+) -> float:
+    """Smallest gradient noise multiplier whose `steps` accounted steps stay within `target_epsilon`.
+
+    Opacus' `get_noise_multiplier` finds the accounted (joint) multiplier; the gradient's own
+    multiplier follows from `effective_noise_multiplier`.
+    """
+    if target_epsilon <= 0 or steps < 1:
+        raise PrivacyError(f"need target_epsilon > 0 and steps >= 1, got {target_epsilon}, {steps}")
+    try:
+        sigma_eff = get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+            steps=steps, accountant=ACCOUNTANT, epsilon_tolerance=0.005, alphas=list(RDP_ORDERS),
+        )
+    except ValueError as exc:
+        raise PrivacyError(
+            f"target-epsilon={target_epsilon} at target-delta={delta} cannot be met with "
+            f"{steps} noisy steps at sampling rate {sample_rate:.4g} ({exc}). Raise target-epsilon, "
+            "lower num-server-rounds or inner-steps, or lower batch-size."
+        ) from exc
+    sigma = sigma_eff * math.sqrt(1.0 + 1.0 / loss_noise_factor**2)
+    # Guard the rounding of the search: the planned run must end within the target.
+    if epsilon_for(noise_multiplier=effective_noise_multiplier(sigma, loss_noise_factor),
+                   sample_rate=sample_rate, steps=steps, delta=delta) > target_epsilon:
+        raise PrivacyError("noise calibration did not reach the target; this is a bug, please report it")
+    return sigma
+
+
+def epsilon_for(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """Epsilon of `steps` subsampled Gaussian steps, from Opacus' RDP accountant."""
+    acc = RDPAccountant()
+    acc.history = [(noise_multiplier, sample_rate, steps)]
+    return float(acc.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
+
+
+class PrivacyLedger:
+    """One hospital's running privacy account over the whole run, around an Opacus accountant.
+
+    Its state is three lists (noise multipliers, sample rates, step counts) plus delta and the
+    number of rounds trained, so it can live in a Flower `ConfigRecord` or a JSON file and be
+    restored after a restart with exactly the same epsilon.
+    """
+
+    def __init__(self, *, delta: float, history: list[tuple[float, float, int]] | None = None,
+                 rounds: int = 0) -> None:
+        if not 0 < delta < 1:
+            raise PrivacyError(f"delta must be in (0, 1), got {delta}")
+        self.delta = delta
+        self.rounds = rounds
+        self._accountant = RDPAccountant()
+        self._accountant.history = [(float(s), float(q), int(n)) for s, q, n in (history or [])]
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        return list(self._accountant.history)
+
+    def epsilon(self) -> float:
+        if not self._accountant.history:
+            return 0.0
+        return float(self._accountant.get_epsilon(delta=self.delta, alphas=list(RDP_ORDERS)))
+
+    def epsilon_after(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """Epsilon if `steps` more steps were taken (nothing is recorded)."""
+        probe = PrivacyLedger(delta=self.delta, history=self.history)
+        probe.record(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+        return probe.epsilon()
+
+    def record(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        """Add `steps` subsampled Gaussian steps (merged with the last entry when identical)."""
+        if steps < 1 or not noise_multiplier > 0 or not 0 < sample_rate <= 1:
+            raise PrivacyError(f"invalid privacy step ({noise_multiplier}, {sample_rate}, {steps})")
+        hist = self._accountant.history
+        if hist and hist[-1][0] == noise_multiplier and hist[-1][1] == sample_rate:
+            hist[-1] = (noise_multiplier, sample_rate, hist[-1][2] + steps)
+        else:
+            hist.append((float(noise_multiplier), float(sample_rate), int(steps)))
+
+    def to_state(self) -> dict[str, Any]:
+        hist = self.history
+        return {
+            "noise-multipliers": [h[0] for h in hist],
+            "sample-rates": [h[1] for h in hist],
+            "steps": [h[2] for h in hist],
+            "delta": self.delta,
+            "rounds": self.rounds,
+            "accountant": ACCOUNTANT,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> PrivacyLedger:
+        try:
+            sig, rates, steps = state["noise-multipliers"], state["sample-rates"], state["steps"]
+            if not (len(sig) == len(rates) == len(steps)) or state.get("accountant", ACCOUNTANT) != ACCOUNTANT:
+                raise ValueError("inconsistent lists or accountant")
+            return cls(delta=float(state["delta"]), history=list(zip(sig, rates, steps)),
+                       rounds=int(state.get("rounds", 0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PrivacyError(f"corrupt privacy ledger state ({exc}); refusing to restart from zero") from exc
+
+
+def clip_and_sum(per_sample: Params, *, max_grad_norm: float) -> tuple[Params, torch.Tensor]:
+    """Clip each record's whole gradient (all parameters together) to L2 norm `max_grad_norm` and sum.
+
+    Returns the summed clipped gradients and the per-record norms before clipping. The factor
+    ``min(1, C / (norm + 1e-6))`` is Opacus' own.
+    """
+    names = list(per_sample)
+    batch = per_sample[names[0]].shape[0]
+    if batch == 0:
+        return {k: v.new_zeros(v.shape[1:]) for k, v in per_sample.items()}, torch.zeros(0)
+    norms = torch.stack([per_sample[k].reshape(batch, -1).norm(2, dim=1) for k in names], dim=1).norm(2, dim=1)
+    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    summed = {k: torch.einsum("i,i...->...", factor, per_sample[k]) for k in names}
+    return summed, norms
+
+
+def private_gradient_fn(
+    model: nn.Module,
+    spec: PrivacySpec,
+    *,
+    num_records: int,
+    sample_rate: float,
+    generator: torch.Generator | None = None,
+) -> GradientFn:
+    """A `GradientFn` releasing the clipped, noised gradient and loss of one Poisson batch.
+
+    The batch passed in must be a fresh Poisson sample of the hospital's `num_records` records at
+    `sample_rate`; the caller accounts one step at ``spec.accounted_noise_multiplier`` per call.
+    """
+    gen = generator if generator is not None else secure_generator()
+    expected = sample_rate * num_records
+
+    def fn(params: Params, batch: Batch, create_graph: bool) -> GradientRelease:
+        if create_graph:
+            raise PrivacyError(
+                "second-order MAML cannot be made differentially private by per-sample clipping of "
+                "the inner gradients; use algorithm='fomaml' or 'reptile' with DP"
+            )
+        x, y = batch
+        per_sample, losses = per_sample_gradients(model, params, x, y)
+        summed, _ = clip_and_sum(per_sample, max_grad_norm=spec.max_grad_norm)
+        std = spec.noise_multiplier * spec.max_grad_norm
+        noisy = {k: (v + gaussian_noise(v.shape, std=std, generator=gen)) / expected for k, v in summed.items()}
+        loss_sum = losses.detach().clamp(0.0, spec.loss_clip).sum()
+        loss_std = spec.loss_noise_multiplier * spec.loss_clip
+        noisy_loss = (loss_sum + gaussian_noise((), std=loss_std, generator=gen)) / expected
+        return GradientRelease(noisy, noisy_loss)
+
+    return fn
+
+
+def gaussian_noise(shape: tuple[int, ...] | torch.Size, *, std: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.normal(0.0, std, size=tuple(shape), generator=generator)
+
+
+def secure_generator() -> torch.Generator:
+    """A torch generator seeded from the OS entropy pool (never from the run's seed)."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+def secure_rng() -> np.random.Generator:
+    """A NumPy generator seeded from the OS entropy pool, for Poisson sampling under DP."""
+    return np.random.default_rng(secrets.randbits(128))

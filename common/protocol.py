@@ -1,0 +1,32 @@
+"""Names of everything that crosses the wire, shared by `client/` and `server/` (no Flower here)."""
+
+# RecordDict keys
+ARRAYS = "arrays"                # global initialisation theta, server -> hospital
+GRADIENT = "meta-gradient"       # meta-gradient / model delta, hospital -> server
+METRICS = "metrics"
+CONFIG = "config"
+STATUS = "status"                # ConfigRecord with a human-readable reason when a hospital declines
+
+# Metric keys (hospital -> server)
+NUM_EXAMPLES = "num-examples"
+LOSS = "loss"
+EPSILON = "epsilon"
+DELTA = "delta"
+ROUNDS = "rounds-participated"
+DECLINED = "declined"
+HOSPITAL_ID = "hospital-id"
+ACCURACY = "accuracy"
+AUC = "auc"
+ACCURACY_BEFORE = "accuracy-before"
+AUC_BEFORE = "auc-before"
+LOSS_BEFORE = "loss-before"
+NUM_SUPPORT = "num-support"
+
+# Config keys (server -> hospital)
+SERVER_ROUND = "server-round"
+
+# Client state keys
+LEDGER_STATE = "privacy-ledger"
+
+TRAIN_METRICS = (NUM_EXAMPLES, LOSS, EPSILON, DELTA, ROUNDS)
+EVAL_METRICS = (NUM_EXAMPLES, NUM_SUPPORT, ACCURACY, AUC, LOSS, ACCURACY_BEFORE, AUC_BEFORE, LOSS_BEFORE)
