@@ -1,0 +1,164 @@
+"""ServerApp: the outer MAML loop.
+
+1. Ask every connected node which hospital it is (a `query` message; no patient data).
+2. Each round: send theta to a sample of the training hospitals, validate and average their
+   meta-gradients, take the outer optimiser step; every `eval-every` rounds (and at the end) ask
+   the held-out hospitals to adapt theta on their K-shot support sets and report scores.
+3. After every round write `<results-dir>/summary.json` atomically; at the end also a PNG.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from common import protocol as P
+from common.config import Config, load_config
+from common.data import dataset_info, held_out_hospitals
+from common.model import build_model, get_params
+from server.strategy import MetaGradientStrategy, to_array_record
+from server.summary import plot_curves, write_json_atomic
+
+log = logging.getLogger("flwr.fedmeta")
+
+app = ServerApp()
+
+
+def discover_hospitals(grid: Grid, cfg: Config) -> dict[int, int]:
+    """Map node id -> hospital id for every node that answers a `query` within the round timeout."""
+    deadline = time.monotonic() + cfg.round_timeout
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < cfg.num_hospitals and time.monotonic() < deadline:
+        time.sleep(1.0)
+        nodes = list(grid.get_node_ids())
+    if len(nodes) < cfg.num_hospitals:
+        log.warning("only %d of num-hospitals=%d nodes connected; continuing with them", len(nodes), cfg.num_hospitals)
+    msgs = [Message(RecordDict({P.CONFIG: ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
+            for n in nodes]
+    hospital_of: dict[int, int] = {}
+    for reply in grid.send_and_receive(msgs, timeout=cfg.round_timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error() or P.METRICS not in reply.content:
+            log.warning("node %d did not say which hospital it is; ignored", node)
+            continue
+        hid = int(reply.content[P.METRICS][P.HOSPITAL_ID])
+        if not 0 <= hid < cfg.num_hospitals or hid in hospital_of.values():
+            log.warning("node %d claims hospital id %d (invalid or duplicate); ignored", node, hid)
+            continue
+        hospital_of[node] = hid
+    return hospital_of
+
+
+def _round_line(cfg: Config, rnd: int, entry: dict[str, Any], max_eps: float, seconds: float) -> str:
+    parts = [f"[round {rnd}/{cfg.num_server_rounds}]",
+             f"meta-loss {entry['meta_loss']:.4f}" if entry["meta_loss"] is not None else "meta-loss n/a",
+             f"replies {entry['replies']} ok, {entry['declined']} declined, {entry['dropped']} dropped"]
+    if "auc" in entry:
+        auc = entry["auc"]
+        parts.append(f"held-out acc {entry['accuracy']:.3f} AUC {auc:.3f}" if auc == auc
+                     else f"held-out acc {entry['accuracy']:.3f} AUC n/a")
+    if cfg.dp:
+        parts.append(f"max ε {max_eps:.3f} (δ={cfg.target_delta:g})")
+    parts.append(f"{seconds:.1f}s")
+    return " | ".join(parts)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = load_config(context.run_config)
+    info = dataset_info(cfg.dataset, cfg.image_size)  # metadata only; the server never reads patient data
+    theta = get_params(build_model(in_channels=info.n_channels, num_classes=info.n_classes, seed=cfg.seed))
+    results = Path(cfg.results_dir).expanduser()
+    results.mkdir(parents=True, exist_ok=True)
+
+    hospital_of = discover_hospitals(grid, cfg)
+    held_ids = set(held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed))
+    training_nodes = sorted(n for n, h in hospital_of.items() if h not in held_ids)
+    held_nodes = sorted(n for n, h in hospital_of.items() if h in held_ids)
+    if not training_nodes:
+        raise RuntimeError("no training hospital is connected; nothing to meta-train")
+    if not held_nodes:
+        log.warning("no held-out hospital is connected: adaptation to a new hospital will not be measured")
+    strategy = MetaGradientStrategy(cfg, theta, hospital_of=hospital_of,
+                                    training_nodes=training_nodes, held_out_nodes=held_nodes)
+    strategy.summary()
+    log.info("training hospitals %s, held-out hospitals %s",
+             sorted(hospital_of[n] for n in training_nodes), sorted(hospital_of[n] for n in held_nodes))
+
+    summary: dict[str, Any] = {
+        "status": "running",
+        "config": cfg.to_run_config(),
+        "dataset": {"flag": info.flag, "task": info.task, "n_channels": info.n_channels,
+                    "n_classes": info.n_classes, "image_size": info.image_size},
+        "privacy": {"dp": cfg.dp, "unit": "one patient record at one hospital", "accountant": "opacus RDP",
+                    "target_epsilon": cfg.target_epsilon if cfg.dp else None,
+                    "delta": cfg.target_delta if cfg.dp else None},
+        "training_hospitals": sorted(hospital_of[n] for n in training_nodes),
+        "held_out_hospitals": sorted(hospital_of[n] for n in held_nodes),
+        "rounds": [], "hospitals": {}, "final": None, "max_epsilon": 0.0,
+    }
+    arrays = to_array_record(theta)
+    t_start = time.monotonic()
+    last_eval = None
+    for rnd in range(1, cfg.num_server_rounds + 1):
+        t0 = time.monotonic()
+        replies = grid.send_and_receive(
+            strategy.configure_train(rnd, arrays, ConfigRecord({}), grid), timeout=cfg.round_timeout)
+        new_arrays, _ = strategy.aggregate_train(rnd, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        rep = strategy.last_report
+        entry: dict[str, Any] = {"round": rnd, "meta_loss": rep.meta_loss if rep.updated else None,
+                                 "replies": rep.accepted, "declined": len(rep.declined),
+                                 "dropped": len(rep.dropped), "updated": rep.updated}
+        if rep.dropped:
+            entry["dropped_reasons"] = rep.dropped
+        if held_nodes and (rnd % cfg.eval_every == 0 or rnd == cfg.num_server_rounds):
+            ev = strategy.aggregate_evaluate(rnd, grid.send_and_receive(
+                strategy.configure_evaluate(rnd, arrays, ConfigRecord({}), grid), timeout=cfg.round_timeout))
+            if ev is not None:
+                last_eval = dict(ev)
+                entry.update({"accuracy": last_eval[P.ACCURACY], "auc": last_eval[P.AUC],
+                              "accuracy_before_adaptation": last_eval[P.ACCURACY_BEFORE],
+                              "auc_before_adaptation": last_eval[P.AUC_BEFORE],
+                              "query_loss_after_adaptation": last_eval[P.LOSS],
+                              "evaluated_hospitals": int(last_eval["hospitals"])})
+        entry["seconds"] = time.monotonic() - t0
+        summary["rounds"].append(entry)
+        summary["hospitals"] = {
+            str(hid): {"epsilon": rec.epsilon, "delta": rec.delta,
+                       "rounds_participated": rec.rounds_participated, "rounds_declined": rec.declined_rounds}
+            for hid, rec in sorted(strategy.hospitals.items())
+        }
+        max_eps = max((r.epsilon for r in strategy.hospitals.values()), default=0.0)
+        summary["max_epsilon"] = max_eps
+        write_json_atomic(results / "summary.json", summary)
+        log.info(_round_line(cfg, rnd, entry, max_eps, entry["seconds"]))
+
+    if last_eval is not None:
+        summary["final"] = {"accuracy": last_eval[P.ACCURACY], "auc": last_eval[P.AUC],
+                            "accuracy_before_adaptation": last_eval[P.ACCURACY_BEFORE],
+                            "auc_before_adaptation": last_eval[P.AUC_BEFORE],
+                            "hospitals": int(last_eval["hospitals"]),
+                            "shots_per_class": cfg.shots, "adapt_steps": cfg.adapt_steps}
+    summary["wall_seconds"] = time.monotonic() - t_start
+    summary["status"] = "completed"
+    save_model(results / "model.pt", arrays)
+    plot_curves(summary, results / "curves.png")
+    write_json_atomic(results / "summary.json", summary)
+    log.info("finished %d rounds in %.1fs; results in %s", cfg.num_server_rounds, summary["wall_seconds"], results)
+
+
+def save_model(path: Path, arrays: ArrayRecord) -> None:
+    import os
+
+    import torch
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(arrays.to_torch_state_dict(), tmp)
+    os.replace(tmp, path)

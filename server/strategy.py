@@ -1,0 +1,194 @@
+"""The meta-gradient strategy: sends theta, validates and averages meta-gradients, takes the outer step.
+
+A Flower `Strategy` so it plugs into Flower's vocabulary (configure/aggregate train and evaluate),
+driven round by round by `server.app`. Aggregation maths live in `common.aggregate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from common import protocol as P
+from common.aggregate import InvalidUpdate, OuterOptimizer, validate_update, weighted_mean
+from common.config import Config
+from common.maml import Params
+
+log = logging.getLogger("flwr.fedmeta")  # a child of Flower's logger: shows in `flwr run --stream`
+
+
+@dataclass
+class HospitalRecord:
+    epsilon: float = 0.0
+    delta: float = 0.0
+    rounds_participated: int = 0
+    declined_rounds: int = 0
+
+
+@dataclass
+class RoundReport:
+    """What happened to one round's replies."""
+
+    accepted: int = 0
+    declined: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    meta_loss: float = float("nan")
+    updated: bool = False
+
+
+def to_array_record(params: Params) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().float().contiguous() for k, v in params.items()})
+
+
+class MetaGradientStrategy(Strategy):
+    """Weighted mean of validated meta-gradients, then Adam/SGD (or FedAvg's plain mean step) on theta."""
+
+    def __init__(self, cfg: Config, theta: Params, *, hospital_of: dict[int, int],
+                 training_nodes: Sequence[int], held_out_nodes: Sequence[int]) -> None:
+        self.cfg = cfg
+        self.optimizer = OuterOptimizer(theta, algorithm=cfg.algorithm, kind=cfg.meta_optimizer, lr=cfg.meta_lr)
+        self.expected = {k: tuple(v.shape) for k, v in theta.items()}
+        self.hospital_of = dict(hospital_of)
+        self.training_nodes = list(training_nodes)
+        self.held_out_nodes = list(held_out_nodes)
+        self.hospitals: dict[int, HospitalRecord] = {}
+        self.last_report = RoundReport()
+        self._rng = random.Random(cfg.seed)
+
+    # -- training -------------------------------------------------------------------------------
+    def sample_training_nodes(self) -> list[int]:
+        k = min(self.cfg.clients_per_round, len(self.training_nodes))
+        return sorted(self._rng.sample(self.training_nodes, k))
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        config = ConfigRecord({**dict(config), P.SERVER_ROUND: server_round})
+        return [
+            Message(RecordDict({P.ARRAYS: arrays, P.CONFIG: config}), dst_node_id=node,
+                    message_type=MessageType.TRAIN)
+            for node in self.sample_training_nodes()
+        ]
+
+    def _who(self, msg: Message) -> str:
+        node = msg.metadata.src_node_id
+        hid = self.hospital_of.get(node)
+        return f"hospital {hid} (node {node})" if hid is not None else f"node {node}"
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        report = RoundReport()
+        updates, weights, losses = [], [], []
+        for msg in replies:
+            who = self._who(msg)
+            try:
+                metrics, arrays = self._check_train_reply(msg)
+            except InvalidUpdate as exc:
+                report.dropped.append(f"{who}: {exc}")
+                log.warning("round %d: dropped reply from %s: %s", server_round, who, exc)
+                continue
+            rec = self.hospitals.setdefault(self.hospital_of.get(msg.metadata.src_node_id, -1), HospitalRecord())
+            rec.epsilon, rec.delta = float(metrics[P.EPSILON]), float(metrics[P.DELTA])
+            rec.rounds_participated = int(metrics.get(P.ROUNDS, rec.rounds_participated))
+            if arrays is None:
+                rec.declined_rounds += 1
+                reason = str(msg.content[P.STATUS]["reason"]) if P.STATUS in msg.content else "declined"
+                report.declined.append(f"{who}: {reason}")
+                log.info("round %d: %s did not train: %s", server_round, who, reason)
+                continue
+            if not self.cfg.dp:
+                rec.rounds_participated += 1
+            updates.append(arrays)
+            weights.append(float(metrics[P.NUM_EXAMPLES]))
+            losses.append(float(metrics[P.LOSS]))
+        report.accepted = len(updates)
+        self.last_report = report
+        if report.accepted < self.cfg.min_replies:
+            log.warning("round %d: only %d valid meta-gradient(s), fewer than min-replies=%d; theta unchanged",
+                        server_round, report.accepted, self.cfg.min_replies)
+            return None, None
+        mean = weighted_mean(updates, weights)
+        self.optimizer.step(mean)
+        report.updated = True
+        w = np.asarray(weights) / np.sum(weights)
+        report.meta_loss = float(np.dot(w, losses))
+        return to_array_record(self.optimizer.params()), MetricRecord(
+            {"meta-loss": report.meta_loss, "replies": report.accepted}
+        )
+
+    def _check_train_reply(self, msg: Message) -> tuple[MetricRecord, dict[str, np.ndarray] | None]:
+        if msg.has_error():
+            raise InvalidUpdate(f"error reply ({msg.error.code}: {msg.error.reason})")
+        content = msg.content
+        if P.METRICS not in content:
+            raise InvalidUpdate("no metrics record")
+        metrics = content[P.METRICS]
+        required = [P.NUM_EXAMPLES, P.EPSILON, P.DELTA, P.DECLINED]
+        missing = [k for k in required if k not in metrics]
+        if missing:
+            raise InvalidUpdate(f"missing metrics {missing}")
+        for k in required:
+            v = float(metrics[k])
+            if not math.isfinite(v) or v < 0:
+                raise InvalidUpdate(f"metric '{k}' = {metrics[k]!r} is not a finite, non-negative number")
+        if self.cfg.dp and float(metrics[P.EPSILON]) > self.cfg.target_epsilon + 1e-9:
+            raise InvalidUpdate(f"reported epsilon {metrics[P.EPSILON]} exceeds target-epsilon "
+                                f"{self.cfg.target_epsilon}")
+        if int(metrics[P.DECLINED]):
+            return metrics, None
+        if P.LOSS not in metrics or not math.isfinite(float(metrics[P.LOSS])):
+            raise InvalidUpdate("missing or non-finite 'loss' metric")
+        if float(metrics[P.NUM_EXAMPLES]) <= 0:
+            raise InvalidUpdate("num-examples must be > 0")
+        if P.GRADIENT not in content.array_records:
+            raise InvalidUpdate(f"no '{P.GRADIENT}' array record")
+        record = content.array_records[P.GRADIENT]
+        try:
+            arrays = {k: record[k].numpy() for k in record}
+        except Exception as exc:  # a malformed array payload must not crash the server
+            raise InvalidUpdate(f"unreadable arrays ({exc})") from exc
+        validate_update(arrays, self.expected)
+        return metrics, arrays
+
+    # -- evaluation on held-out hospitals ---------------------------------------------------------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        config = ConfigRecord({**dict(config), P.SERVER_ROUND: server_round})
+        return [
+            Message(RecordDict({P.ARRAYS: arrays, P.CONFIG: config}), dst_node_id=node,
+                    message_type=MessageType.EVALUATE)
+            for node in self.held_out_nodes
+        ]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        rows = []
+        for msg in replies:
+            if msg.has_error() or P.METRICS not in msg.content:
+                log.warning("round %d: evaluation reply from %s dropped", server_round, self._who(msg))
+                continue
+            m = msg.content[P.METRICS]
+            if any(k not in m for k in P.EVAL_METRICS) or float(m[P.NUM_EXAMPLES]) <= 0:
+                log.warning("round %d: incomplete evaluation reply from %s dropped", server_round, self._who(msg))
+                continue
+            rows.append({k: float(m[k]) for k in P.EVAL_METRICS})
+        if not rows:
+            return None
+        out = {"hospitals": float(len(rows))}
+        w = np.array([r[P.NUM_EXAMPLES] for r in rows])
+        for k in (P.ACCURACY, P.AUC, P.LOSS, P.ACCURACY_BEFORE, P.AUC_BEFORE, P.LOSS_BEFORE):
+            vals = np.array([r[k] for r in rows])
+            ok = np.isfinite(vals)
+            out[k] = float(np.dot(w[ok], vals[ok]) / w[ok].sum()) if ok.any() else float("nan")
+        return MetricRecord(out)
+
+    def summary(self) -> None:
+        log.info("MetaGradientStrategy: %s, outer optimiser %s (lr %g), %d training / %d held-out hospitals",
+                 self.cfg.algorithm, "mean step" if self.cfg.algorithm == "fedavg" else self.cfg.meta_optimizer,
+                 self.cfg.meta_lr, len(self.training_nodes), len(self.held_out_nodes))

@@ -1,0 +1,65 @@
+"""Run results on disk: `summary.json` (written atomically after every round) and a PNG of the curves."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: write null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(_clean(payload), fh, indent=2, allow_nan=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def plot_curves(summary: dict[str, Any], path: Path) -> None:
+    """Meta-loss and held-out accuracy/AUC (after adaptation) against the round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = summary["rounds"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [r["round"] for r in rounds if r.get("meta_loss") is not None]
+    ax1.plot(xs, [r["meta_loss"] for r in rounds if r.get("meta_loss") is not None], marker=".")
+    ax1.set_xlabel("round")
+    ax1.set_ylabel("meta-loss (training hospitals' query loss" + (", noised)" if summary["config"].get("dp") else ")"))
+    ev = [r for r in rounds if r.get("auc") is not None or r.get("accuracy") is not None]
+    for key, label in (("accuracy", "accuracy"), ("auc", "AUC")):
+        pts = [(r["round"], r[key]) for r in ev if r.get(key) is not None]
+        if pts:
+            ax2.plot(*zip(*pts), marker="o", label=f"held-out {label} after adaptation")
+    ax2.set_xlabel("round")
+    ax2.set_ylim(0, 1)
+    ax2.legend(loc="lower right")
+    cfg = summary["config"]
+    eps = summary.get("max_epsilon")
+    title = f"{cfg['dataset']} · {cfg['algorithm']} · " + (
+        f"DP ε≤{cfg['target-epsilon']:g} (max spent {eps:.2f}), δ={cfg['target-delta']:g}" if cfg["dp"] and eps is not None
+        else ("DP" if cfg["dp"] else "no DP"))
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
