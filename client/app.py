@@ -19,13 +19,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.audit import audit_mod
 from common import protocol as P
 from common.config import Config, load_config
 from common.hospital import Site, adapt_and_score, load_site, new_model, train_round
 from common.model import get_params
 from common.privacy import PrivacyLedger
 
-app = ClientApp()
+app = ClientApp(mods=[audit_mod])
 
 
 def _setup(context: Context) -> tuple[Config, int]:

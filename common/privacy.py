@@ -22,15 +22,26 @@ from __future__ import annotations
 
 import math
 import secrets
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import logging
+
 import numpy as np
 import torch
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-from torch import nn
+
+_root_handlers = list(logging.getLogger().handlers)
+from opacus.accountants import RDPAccountant  # noqa: E402
+from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
+from torch import nn  # noqa: E402
+
+# Importing Opacus calls logging.basicConfig(), which adds a root handler: every line Flower logs
+# would then be printed twice (and its DEBUG lines once). Undo exactly that handler.
+for _h in list(logging.getLogger().handlers):
+    if _h not in _root_handlers:
+        logging.getLogger().removeHandler(_h)
 
 from common.maml import Batch, GradientFn, GradientRelease, Params, per_sample_gradients
 
@@ -99,10 +110,13 @@ def calibrate_noise_multiplier(
     if target_epsilon <= 0 or steps < 1:
         raise PrivacyError(f"need target_epsilon > 0 and steps >= 1, got {target_epsilon}, {steps}")
     try:
-        sigma_eff = get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-            steps=steps, accountant=ACCOUNTANT, epsilon_tolerance=0.005, alphas=list(RDP_ORDERS),
-        )
+        with warnings.catch_warnings():
+            # the bisection probes very large sigmas whose optimum RDP order is the largest one
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            sigma_eff = get_noise_multiplier(
+                target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                steps=steps, accountant=ACCOUNTANT, epsilon_tolerance=0.005, alphas=list(RDP_ORDERS),
+            )
     except ValueError as exc:
         raise PrivacyError(
             f"target-epsilon={target_epsilon} at target-delta={delta} cannot be met with "

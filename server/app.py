@@ -24,7 +24,7 @@ from common.model import build_model, get_params
 from server.strategy import MetaGradientStrategy, to_array_record
 from server.summary import plot_curves, write_json_atomic
 
-log = logging.getLogger("flwr.fedmeta")
+log = logging.getLogger("flwr")  # Flower's own logger: its lines reach `flwr run --stream` and `flwr log`
 
 app = ServerApp()
 

@@ -22,7 +22,7 @@ from common.aggregate import InvalidUpdate, OuterOptimizer, validate_update, wei
 from common.config import Config
 from common.maml import Params
 
-log = logging.getLogger("flwr.fedmeta")  # a child of Flower's logger: shows in `flwr run --stream`
+log = logging.getLogger("flwr")  # Flower's own logger: its lines reach `flwr run --stream` and `flwr log`
 
 
 @dataclass

@@ -1,0 +1,72 @@
+"""The same meta-training as the Flower apps, in one process without Flower (the compute floor).
+
+It calls exactly what the ClientApp and the strategy call (`common.hospital.train_round`,
+`common.aggregate`), in the same order, with the same sampling of hospitals; only the transport
+is missing. Used by the benchmarks (federation overhead) and by the experiment harness, where
+running every seed and setting through Ray would cost hours on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.aggregate import OuterOptimizer, weighted_mean
+from common.config import Config
+from common.data import held_out_hospitals
+from common.hospital import AdaptationScores, Site, adapt_and_score, load_site, new_model, train_round
+from common.maml import Params
+from common.model import get_params
+from common.privacy import PrivacyLedger
+
+
+@dataclass
+class LocalRun:
+    theta: Params
+    meta_losses: list[float] = field(default_factory=list)
+    epsilons: dict[int, float] = field(default_factory=dict)
+    seconds_per_round: list[float] = field(default_factory=list)
+    declined: int = 0
+
+
+def sites_for(cfg: Config) -> tuple[list[Site], list[Site]]:
+    held = set(held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed))
+    sites = [load_site(cfg, h) for h in range(cfg.num_hospitals)]
+    return [s for s in sites if s.hospital_id not in held], [s for s in sites if s.hospital_id in held]
+
+
+def meta_train(cfg: Config, training: list[Site], *, rounds: int | None = None) -> LocalRun:
+    """`rounds` (default `num-server-rounds`) of the outer loop over `training` hospitals."""
+    theta = get_params(new_model(cfg, training[0].info))
+    opt = OuterOptimizer(theta, algorithm=cfg.algorithm, kind=cfg.meta_optimizer, lr=cfg.meta_lr)
+    ledgers = {s.hospital_id: PrivacyLedger(delta=cfg.target_delta) for s in training}
+    rng = random.Random(cfg.seed)  # the strategy samples hospitals with the same generator
+    run = LocalRun(theta=theta)
+    for rnd in range(1, (rounds or cfg.num_server_rounds) + 1):
+        t0 = time.perf_counter()
+        chosen = sorted(rng.sample(range(len(training)), min(cfg.clients_per_round, len(training))))
+        updates, weights, losses = [], [], []
+        for i in chosen:
+            site = training[i]
+            out = train_round(cfg, site, opt.params(), ledger=ledgers[site.hospital_id] if cfg.dp else None,
+                              server_round=rnd)
+            if out.update is None:
+                run.declined += 1
+                continue
+            updates.append({k: v.numpy().astype(np.float32) for k, v in out.update.gradient.items()})
+            weights.append(float(out.num_examples))
+            losses.append(out.update.loss)
+        if len(updates) >= cfg.min_replies:
+            opt.step(weighted_mean(updates, weights))
+            run.meta_losses.append(float(np.average(losses, weights=weights)))
+        run.seconds_per_round.append(time.perf_counter() - t0)
+    run.theta = opt.params()
+    run.epsilons = {h: led.epsilon() for h, led in ledgers.items()} if cfg.dp else {}
+    return run
+
+
+def score_held_out(cfg: Config, held: list[Site], theta: Params) -> list[AdaptationScores]:
+    return [adapt_and_score(cfg, s, theta) for s in held]

@@ -1,0 +1,455 @@
+"""Run the federated meta-learning app on Flower's simulation engine through a private local SuperLink.
+
+    python -m simulations.run [--run-config "key=value key2=\\"str\\""] [--app-dir PATH]
+
+What it does, in order:
+1. Resolves the run config exactly as Flower will: `[tool.flwr.app.config]` of the app's
+   pyproject.toml fused with the `--run-config` overrides (Flower's own `parse_config_args` and
+   `get_fused_config_from_dir`), rewrites `data-dir` / `results-dir` to absolute paths (relative
+   to the caller's cwd, `~` expanded) and validates the result with `common.config.load_config`.
+   An invalid config prints the `ConfigError` to stderr and exits 2 before anything is started.
+2. Runs `flwr run <app-dir> --stream --run-config <overrides.toml> --federation-config
+   "num-supernodes=<num-hospitals> client-resources-num-cpus=1 init-args-num-cpus=<cores> ..."`
+   in a private temporary FLWR_HOME whose `local` connection makes the CLI start a managed
+   SuperLink on a free 127.0.0.1 port (never attaching to another SuperLink), with runtime
+   dependency installation, telemetry and the update check disabled. Flower's output is streamed.
+3. Exit code 0 only if the run finished as `finished:completed` and `<results-dir>/summary.json`
+   was (re)written during this launch with `"status": "completed"`; otherwise a one-line reason
+   on stderr and exit 1 (2: bad config/arguments, 3: Flower could not be launched, 130/143:
+   interrupted). Ctrl-C / SIGTERM / `--timeout` stop the run with `flwr stop`.
+4. Always stops every process carrying our FLWR_HOME (SuperLink, SuperExec, flwr-simulation, Ray)
+   and deletes the temporary FLWR_HOME.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from simulations import flower_env
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PATH_KEYS = ("data-dir", "results-dir")
+SUMMARY_FILE = "summary.json"
+PREFIX = "[simulations.run]"
+
+EXIT_OK = 0
+EXIT_RUN_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_LAUNCH = 3
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_RUN_ID = re.compile(r"Successfully started run (\d+)")
+
+
+class LaunchError(Exception):
+    """Flower could not be launched (missing CLI, broken app dir, ...)."""
+
+
+class ConfigProblem(Exception):
+    """The run config cannot be resolved or is invalid; the message is user-facing."""
+
+
+class Interrupted(BaseException):
+    """Raised from a signal handler (SIGINT, SIGTERM, SIGALRM for --timeout)."""
+
+    def __init__(self, reason: str, exit_code: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.exit_code = exit_code
+
+
+# --------------------------------------------------------------------------- config
+
+
+def absolute_path(value: str, cwd: str | Path) -> str:
+    """`~` expanded, made absolute against `cwd`, normalised (symlinks are kept)."""
+    path = Path(os.path.expanduser(value))
+    if not path.is_absolute():
+        path = Path(cwd) / path
+    return os.path.normpath(str(path))
+
+
+def parse_overrides(run_config_args: Sequence[str] | None) -> dict[str, Any]:
+    """Parse `--run-config` values with Flower's own parser (flat dict, TOML-typed values).
+
+    Accepts what `flwr run --run-config` accepts: "k1=1 k2=\"s\"" strings (repeatable) or a
+    single path to a .toml file. Unquoted strings are a TOML error in Flower too.
+    """
+    import click  # noqa: PLC0415 - flwr dependency, imported lazily to keep --help fast
+    from flwr.common.config import parse_config_args  # noqa: PLC0415
+
+    try:
+        return dict(parse_config_args(list(run_config_args) if run_config_args else None))
+    except click.ClickException as err:
+        raise ConfigProblem(f"--run-config: {err.message}") from None
+    except (ValueError, OSError) as err:
+        raise ConfigProblem(f"--run-config: {err}") from None
+
+
+def resolve_run_config(
+    app_dir: str | Path,
+    run_config_args: Sequence[str] | None,
+    cwd: str | Path | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return `(fused, overrides)`: the run config the apps will see and the overrides to send.
+
+    The path keys are made absolute in both, and always sent as overrides (also when they come
+    from pyproject.toml), because the ServerApp/ClientApps run in other processes.
+    """
+    from flwr.common.config import get_fused_config_from_dir  # noqa: PLC0415
+
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    overrides = parse_overrides(run_config_args)
+    app_dir = Path(app_dir)
+    if not (app_dir / "pyproject.toml").is_file():
+        raise ConfigProblem(f"no pyproject.toml in app dir {app_dir}")
+    try:
+        fused = dict(get_fused_config_from_dir(app_dir, overrides))
+    except ValueError as err:  # unknown override key, invalid pyproject
+        raise ConfigProblem(f"run config: {err} (keys must exist in [tool.flwr.app.config])") from None
+    for key in PATH_KEYS:
+        value = fused.get(key)
+        if isinstance(value, str) and value.strip():
+            fused[key] = overrides[key] = absolute_path(value, cwd)
+    return fused, overrides
+
+
+def validate_run_config(fused: Mapping[str, Any]) -> Any:
+    """`common.config.load_config(fused)`; a `ConfigError` becomes a `ConfigProblem`."""
+    from common.config import ConfigError, load_config  # noqa: PLC0415
+
+    try:
+        return load_config(fused)
+    except ConfigError as err:
+        raise ConfigProblem(str(err)) from None
+
+
+def federation_config(num_supernodes: int, num_cpus: int) -> str:
+    """`--federation-config` value (keys are SimulationConfig fields with '-' for '_')."""
+    return (
+        f"num-supernodes={num_supernodes} "
+        f"client-resources-num-cpus=1 client-resources-num-gpus=0.0 "
+        f"init-args-num-cpus={num_cpus} init-args-num-gpus=0"
+    )
+
+
+def write_overrides_toml(overrides: Mapping[str, Any], path: Path) -> None:
+    """Write the overrides as a flat TOML file that `flwr run --run-config <file>` reads back
+    identically (avoids any quoting issue of the inline `k=v` form)."""
+    import tomli_w  # noqa: PLC0415 - flwr dependency
+
+    path.write_text(tomli_w.dumps(dict(overrides)), encoding="utf-8")
+
+
+def overrides_as_cli(overrides: Mapping[str, Any]) -> str:
+    """Human-readable `k=v` rendering for the log (not used for passing values)."""
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
+
+
+# --------------------------------------------------------------------------- result checks
+
+
+def check_summary(results_dir: str | Path, started_at: float, before: os.stat_result | None) -> str | None:
+    """None if `<results_dir>/summary.json` is fresh and completed, else the reason."""
+    path = Path(results_dir) / SUMMARY_FILE
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return f"{path} was not written"
+    if before is not None and (st.st_mtime_ns, st.st_ino, st.st_size) == (
+        before.st_mtime_ns,
+        before.st_ino,
+        before.st_size,
+    ):
+        return f"{path} is left over from an earlier run (not rewritten)"
+    if st.st_mtime < started_at - 1.0:
+        return f"{path} is older than this launch"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"{path} is not valid JSON ({err})"
+    status = summary.get("status") if isinstance(summary, dict) else None
+    if status != "completed":
+        return f'{path} has "status": {json.dumps(status)} (expected "completed")'
+    return None
+
+
+def run_status(flwr: str, run_id: str, env: Mapping[str, str], timeout: float = 60.0) -> tuple[str, str]:
+    """(`status`, `details`) of a run from `flwr ls --run-id <id> --format json`; ('', why) if unknown."""
+    try:
+        out = subprocess.run(
+            [flwr, "ls", "--run-id", run_id, "--format", "json"],
+            env=dict(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            start_new_session=True,
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return "", f"flwr ls failed: {err}"
+    text = out.stdout
+    try:
+        data = json.loads(text[text.index("{") :])
+        run = data["runs"][0]
+        return str(run.get("status", "")), str(run.get("status-details", "") or "")
+    except (ValueError, KeyError, IndexError, TypeError):
+        tail = (out.stderr or text).strip().splitlines()[-1:] or ["no output"]
+        return "", f"flwr ls gave no run status ({tail[0][:200]})"
+
+
+# --------------------------------------------------------------------------- launcher
+
+
+def _default_num_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m simulations.run",
+        description="Run the Flower app on the simulation engine (one SuperNode per hospital) "
+        "through a private local SuperLink, and check that it completed.",
+    )
+    p.add_argument(
+        "--run-config",
+        "-c",
+        action="append",
+        metavar="'k=v ...'",
+        help="Overrides for [tool.flwr.app.config], Flower syntax: "
+        "'num-server-rounds=2 algorithm=\"reptile\"' (strings must be quoted; repeatable) "
+        "or one path to a .toml file.",
+    )
+    p.add_argument("--app-dir", default=str(REPO_ROOT), help="Flower app directory (default: %(default)s)")
+    p.add_argument(
+        "--num-cpus",
+        type=int,
+        default=_default_num_cpus(),
+        help="CPUs given to Ray; each ClientApp takes 1 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="Stop the run (flwr stop) and fail after this many seconds (default: no limit)",
+    )
+    p.add_argument("--keep-home", action="store_true", help="Keep the temporary FLWR_HOME (for debugging)")
+    return p
+
+
+def _say(msg: str, err: bool = False) -> None:
+    print(f"{PREFIX} {msg}", file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def _install_signal_handlers() -> dict[int, Any]:
+    def handler(signum: int, _frame: Any) -> None:
+        if signum == signal.SIGALRM:
+            raise Interrupted("timed out (--timeout)", EXIT_RUN_FAILED)
+        name = signal.Signals(signum).name
+        raise Interrupted(f"interrupted by {name}", 128 + signum)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
+        previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def _ignore_signals() -> None:
+    signal.alarm(0)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _stream(proc: subprocess.Popen[bytes], strip_ansi: bool, tail: deque[str], state: dict[str, str]) -> None:
+    """Copy the CLI's merged output to our stdout line by line; remember the run id."""
+    assert proc.stdout is not None
+    for raw in iter(proc.stdout.readline, b""):
+        line = raw.decode("utf-8", errors="replace")
+        if strip_ansi:
+            line = _ANSI.sub("", line)
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        if "run_id" not in state and (m := _RUN_ID.search(line)):
+            state["run_id"] = m.group(1)
+        if line.strip():
+            tail.append(line.strip())
+
+
+def _stop_run(
+    flwr: str, run_id: str | None, env: Mapping[str, str], proc: subprocess.Popen[bytes] | None
+) -> None:
+    """Best effort: `flwr stop <run_id>`, then give the CLI a moment to print the last logs."""
+    if run_id:
+        _say(f"stopping run {run_id} (flwr stop) ...")
+        try:
+            subprocess.run(
+                [flwr, "stop", run_id],
+                env=dict(env),
+                timeout=30,
+                check=False,
+                start_new_session=True,
+                stdout=sys.stdout,
+                stderr=subprocess.STDOUT,
+            )
+        except (OSError, subprocess.TimeoutExpired) as err:
+            _say(f"flwr stop failed: {err}", err=True)
+    if proc is not None and proc.poll() is None:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def launch(args: argparse.Namespace, started_at: float) -> tuple[int, str | None, Path | None]:
+    """Validate, run, check. Returns (exit code, failure reason or None, summary path)."""
+    app_dir = Path(args.app_dir).expanduser().resolve()
+    try:
+        fused, overrides = resolve_run_config(app_dir, args.run_config)
+        cfg = validate_run_config(fused)
+    except ConfigProblem as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG, None, None
+    if args.num_cpus < 1:
+        print("error: --num-cpus must be >= 1", file=sys.stderr, flush=True)
+        return EXIT_CONFIG, None, None
+
+    results_dir = Path(fused["results-dir"])
+    summary_path = results_dir / SUMMARY_FILE
+    try:
+        before = summary_path.stat()
+    except OSError:
+        before = None
+    if results_dir.is_relative_to(app_dir) and not (app_dir / ".gitignore").is_file():
+        _say(
+            f"warning: results-dir {results_dir} is inside the app dir and there is no .gitignore: "
+            "Flower packs *.json/*.md/*.py/*.toml found there into the app bundle (FAB, max 10 MB)."
+        )
+
+    flwr = flower_env.flwr_executable()
+    if flwr is None:
+        return EXIT_LAUNCH, "the `flwr` CLI was not found next to this Python nor on PATH", summary_path
+
+    home: flower_env.FlowerHome | None = None
+    env: dict[str, str] = {}
+    proc: subprocess.Popen[bytes] | None = None
+    state: dict[str, str] = {}
+    tail: deque[str] = deque(maxlen=20)
+    previous_handlers = _install_signal_handlers()
+    subreaper = flower_env.become_subreaper()
+    try:
+        home = flower_env.create_flower_home(prefix="fedmeta-sim-")
+        env = home.env()
+        if args.timeout:
+            signal.setitimer(signal.ITIMER_REAL, args.timeout)
+        overrides_file = home.path / "run-config.toml"
+        write_overrides_toml(overrides, overrides_file)
+        fed = federation_config(cfg.num_hospitals, args.num_cpus)
+        cmd = [flwr, "run", str(app_dir), "--stream"]
+        cmd += ["--run-config", str(overrides_file), "--federation-config", fed]
+        _say(f"app: {app_dir}")
+        _say(f"FLWR_HOME: {home.path} (local SuperLink on {home.address})")
+        _say(f"run-config overrides: {overrides_as_cli(overrides)}")
+        _say(f"federation-config: {fed}")
+        _say(f"results-dir: {results_dir}")
+        proc = subprocess.Popen(  # noqa: S603
+            cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            # The SuperLink, flwr-simulation and Ray inherit this cwd, and Ray puts the driver's
+            # cwd first on its workers' sys.path: a cwd with another `client` package would
+            # shadow the app's. Paths in the run config are absolute already.
+            cwd=str(app_dir),
+            start_new_session=True,  # Ctrl-C reaches only us; we stop the run properly
+        )
+        _stream(proc, strip_ansi=not sys.stdout.isatty(), tail=tail, state=state)
+        rc = proc.wait()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        run_id = state.get("run_id")
+        if rc != 0:
+            last = tail[-1] if tail else "no output"
+            code = EXIT_LAUNCH if run_id is None else EXIT_RUN_FAILED
+            return code, f"flwr run exited with code {rc}: {last}", summary_path
+        if run_id is None:
+            last = tail[-1] if tail else "no output"
+            return EXIT_LAUNCH, f"flwr run did not start a run: {last}", summary_path
+        status, details = run_status(flwr, run_id, env)
+        if status and status != "finished:completed":
+            why = f" ({details})" if details else ""
+            return EXIT_RUN_FAILED, f"run {run_id} ended as {status}{why}", summary_path
+        problem = check_summary(results_dir, started_at, before)
+        if problem:
+            return EXIT_RUN_FAILED, f"run {run_id}: {problem}", summary_path
+        return EXIT_OK, None, summary_path
+    except Interrupted as intr:
+        _ignore_signals()
+        _say(f"{intr.reason}; stopping the run ...", err=True)
+        _stop_run(flwr, state.get("run_id"), env, proc)
+        return intr.exit_code, intr.reason, summary_path
+    finally:
+        _ignore_signals()
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if home is not None:
+            t_clean = time.monotonic()
+            # As a subreaper every process of the launch stays our descendant; the flwr CLI and
+            # its subprocess.run siblings have been waited for already.
+            killed = flower_env.stop_processes_of_home(
+                home, descendants_of_pid=os.getpid() if subreaper else None
+            )
+            if args.keep_home:
+                _say(f"kept FLWR_HOME {home.path}")
+            else:
+                flower_env.remove_flower_home(home)
+            _say(f"stopped {len(killed)} Flower/Ray process(es) in {time.monotonic() - t_clean:.1f}s")
+        flower_env.become_subreaper(False)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started_at = time.time()
+    t0 = time.monotonic()
+    code, reason, summary_path = launch(args, started_at)
+    if code == EXIT_CONFIG:
+        return code
+    wall = time.monotonic() - t0
+    _say(f"wall time: {wall:.1f}s")
+    if summary_path is not None:
+        where = summary_path if summary_path.is_file() else f"{summary_path} (missing)"
+        _say(f"summary.json: {where}")
+    if reason:
+        print(f"FAILED: {reason}", file=sys.stderr, flush=True)
+    else:
+        _say("run completed")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""Tests of the simulation launcher `python -m simulations.run` and its helpers.
+
+Fast tests start no Flower process. The `slow` ones run the launcher end to end through a real
+local SuperLink + Ray: one against a tiny probe app written into tmp_path (checks the launcher's
+contract: exit codes, summary check, cleanup), one against the project's own apps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from simulations import flower_env
+from simulations import run as launcher
+
+REPO = Path(__file__).resolve().parents[1]
+HAVE_CONFIG = (REPO / "common" / "config.py").is_file()
+needs_config = pytest.mark.skipif(not HAVE_CONFIG, reason="common/config.py (load_config) does not exist yet")
+
+
+def _base_config() -> dict:
+    with open(REPO / "pyproject.toml", "rb") as fh:
+        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+
+
+# --------------------------------------------------------------------------- override parsing
+
+
+def test_overrides_use_flower_syntax_and_types():
+    got = launcher.parse_overrides(['num-server-rounds=3 algorithm="reptile" dp=false', "meta-lr=0.01"])
+    assert got == {"num-server-rounds": 3, "algorithm": "reptile", "dp": False, "meta-lr": 0.01}
+
+
+def test_unquoted_string_is_rejected_like_flower_does():
+    with pytest.raises(launcher.ConfigProblem, match="invalid format"):
+        launcher.parse_overrides(["algorithm=reptile"])
+
+
+def test_no_overrides():
+    assert launcher.parse_overrides(None) == {}
+    assert launcher.parse_overrides([]) == {}
+
+
+def test_overrides_from_toml_file(tmp_path):
+    f = tmp_path / "o.toml"
+    f.write_text('num-server-rounds = 4\nalgorithm = "maml"\n')
+    assert launcher.parse_overrides([str(f)]) == {"num-server-rounds": 4, "algorithm": "maml"}
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(launcher.ConfigProblem, match="no-such-key"):
+        launcher.resolve_run_config(REPO, ["no-such-key=1"])
+
+
+def test_fused_config_has_every_pyproject_key_and_the_override():
+    fused, overrides = launcher.resolve_run_config(REPO, ["num-server-rounds=7"], cwd="/somewhere")
+    assert set(fused) == set(_base_config())
+    assert fused["num-server-rounds"] == 7 and overrides["num-server-rounds"] == 7
+
+
+# --------------------------------------------------------------------------- path rewriting
+
+
+def test_relative_paths_become_absolute_against_the_callers_cwd(tmp_path):
+    fused, overrides = launcher.resolve_run_config(
+        REPO, ['data-dir="data/med" results-dir="../out/r1"'], cwd=tmp_path / "work"
+    )
+    assert fused["data-dir"] == overrides["data-dir"] == str(tmp_path / "work" / "data" / "med")
+    assert fused["results-dir"] == overrides["results-dir"] == str(tmp_path / "out" / "r1")
+
+
+def test_pyproject_defaults_are_rewritten_and_always_passed_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    base = _base_config()
+    fused, overrides = launcher.resolve_run_config(REPO, None, cwd=tmp_path)
+    for key in launcher.PATH_KEYS:
+        assert os.path.isabs(overrides[key]), key
+        assert fused[key] == overrides[key]
+    assert fused["results-dir"] == os.path.normpath(str(tmp_path / os.path.expanduser(base["results-dir"])))
+    if base["data-dir"].startswith("~"):
+        assert fused["data-dir"].startswith(str(tmp_path / "home"))
+    # Nothing but the two path keys is sent when the caller overrides nothing.
+    assert set(overrides) == set(launcher.PATH_KEYS)
+
+
+def test_absolute_path_keeps_absolute_and_expands_user(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert launcher.absolute_path("/a/b/../c", "/x") == "/a/c"
+    assert launcher.absolute_path("~/d", "/x") == str(tmp_path / "d")
+    assert launcher.absolute_path("e", "/x/y") == "/x/y/e"
+
+
+def test_overrides_file_round_trips_through_flowers_parser(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    overrides = {
+        "results-dir": "/tmp/with space/and \"quote\"/it's",
+        "num-server-rounds": 3,
+        "target-delta": 1e-5,
+        "dp": True,
+        "algorithm": "fomaml",
+    }
+    f = tmp_path / "run-config.toml"
+    launcher.write_overrides_toml(overrides, f)
+    assert parse_config_args([str(f)]) == overrides
+
+
+def test_federation_config_is_valid_for_flower():
+    from flwr.common.config import parse_config_args
+    from flwr.supercore.utils import simulation_config_from_json
+
+    text = launcher.federation_config(num_supernodes=10, num_cpus=2)
+    parsed = {k.replace("-", "_"): v for k, v in parse_config_args([text]).items()}
+    cfg = simulation_config_from_json(parsed)  # raises on unknown fields, wrong types
+    assert cfg.num_supernodes == 10
+    assert cfg.client_resources_num_cpus == 1
+    assert cfg.init_args_num_cpus == 2
+
+
+# --------------------------------------------------------------------------- validation / CLI
+
+
+@needs_config
+def test_invalid_value_exits_2_naming_the_key_and_starts_nothing(monkeypatch, capsys):
+    def must_not_run(*_a, **_k):
+        raise AssertionError("nothing may be started for an invalid config")
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", must_not_run)
+    monkeypatch.setattr(launcher.flower_env, "create_flower_home", must_not_run)
+    code = launcher.main(["--run-config", "num-hospitals=1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "num-hospitals" in err and "1" in err
+
+
+@needs_config
+def test_invalid_value_via_real_cli_exits_2():
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulations.run", "--run-config", 'algorithm="nope"'],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "algorithm" in proc.stderr and "nope" in proc.stderr
+    assert "FLWR_HOME" not in proc.stdout and "Starting local SuperLink" not in proc.stdout
+
+
+def test_unknown_key_via_main_exits_2(monkeypatch, capsys):
+    monkeypatch.setattr(launcher.flower_env, "create_flower_home", lambda *_a, **_k: pytest.fail("started"))
+    assert launcher.main(["--run-config", "bogus-key=3"]) == 2
+    assert "bogus-key" in capsys.readouterr().err
+
+
+def test_bad_app_dir_exits_2(tmp_path, capsys):
+    assert launcher.main(["--app-dir", str(tmp_path)]) == 2
+    assert "pyproject.toml" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- summary check
+
+
+def test_summary_missing(tmp_path):
+    assert "was not written" in launcher.check_summary(tmp_path, time.time(), None)
+
+
+def test_summary_completed_and_fresh(tmp_path):
+    start = time.time()
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed"}))
+    assert launcher.check_summary(tmp_path, start, None) is None
+
+
+def test_summary_not_completed(tmp_path):
+    start = time.time()
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "running"}))
+    assert "running" in launcher.check_summary(tmp_path, start, None)
+
+
+def test_summary_left_over_from_an_earlier_run(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({"status": "completed"}))
+    before = path.stat()
+    assert "earlier run" in launcher.check_summary(tmp_path, time.time() - 5, before)
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    assert "older than this launch" in launcher.check_summary(tmp_path, time.time(), None)
+
+
+def test_summary_not_json(tmp_path):
+    (tmp_path / "summary.json").write_text("{nope")
+    assert "not valid JSON" in launcher.check_summary(tmp_path, time.time() - 1, None)
+
+
+# --------------------------------------------------------------------------- flower_env
+
+
+def test_free_ports_are_distinct_and_bindable():
+    import socket
+
+    ports = flower_env.free_ports(3)
+    assert len(set(ports)) == 3
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+def test_private_home_env_and_removal():
+    with flower_env.private_flower_home(prefix="fedmeta-test-") as home:
+        assert home.config_file.read_text().count(":local:") == 1
+        env = home.env({"PATH": "/usr/bin", "RAY_ADDRESS": "1.2.3.4:6379"})
+        assert env["FLWR_HOME"] == str(home.path)
+        assert env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] == str(home.http_port)
+        assert env["FLWR_LOCAL_CONTROL_API_PORT"] == str(home.control_port)
+        assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+        assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+        assert env["PATH"].split(os.pathsep)[0] == str(flower_env.venv_bin_dir())
+        assert "RAY_ADDRESS" not in env
+        path = home.path
+    assert not path.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_processes_are_found_by_env_and_as_descendants_and_terminated(tmp_path):
+    marker = str(tmp_path / "home")
+    # A child that ignores SIGTERM (like Ray's agents) and a grandchild.
+    code = (
+        "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "FLWR_HOME": marker})
+    try:
+        deadline = time.time() + 10
+        while time.time() < deadline and len(flower_env.descendants_of(os.getpid())) < 2:
+            time.sleep(0.05)
+        assert proc.pid in flower_env.pids_with_env("FLWR_HOME", marker)
+        assert flower_env.pids_with_env("FLWR_HOME", marker + "x") == []
+        family = flower_env.descendants_of(os.getpid())
+        assert proc.pid in family and len(family) >= 2
+        killed = flower_env.stop_processes_of_home(marker, grace=0.5)
+        assert proc.pid in killed and len(killed) >= 2
+        proc.wait(timeout=5)
+        assert not any(flower_env._alive(p) for p in family)  # gone, or a zombie
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# --------------------------------------------------------------------------- end to end (slow)
+
+_PROBE_SERVER = '''
+import json, time
+from pathlib import Path
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rc = context.run_config
+    assert Path(rc["results-dir"]).is_absolute() and Path(rc["data-dir"]).is_absolute()
+    nodes = []
+    while len(nodes) < int(rc["num-hospitals"]):
+        nodes = list(grid.get_node_ids()); time.sleep(0.2)
+    for rnd in range(1, int(rc["num-server-rounds"]) + 1):
+        msgs = [Message(RecordDict({"c": ConfigRecord({"round": rnd})}), dst_node_id=n,
+                        message_type=MessageType.QUERY) for n in nodes]
+        replies = list(grid.send_and_receive(msgs, timeout=float(rc["round-timeout"])))
+        print(f"probe round {rnd}: {sum(m.has_content() for m in replies)}/{len(nodes)} replies", flush=True)
+    if rc["dataset"] == "fail-on-purpose":
+        raise RuntimeError("probe ServerApp fails on purpose")
+    out = Path(rc["results-dir"]); out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps({"status": "completed"}))
+'''
+
+_PROBE_CLIENT = '''
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    pid = int(context.node_config["partition-id"])
+    return Message(RecordDict({"m": MetricRecord({"pid": pid})}), reply_to=msg)
+'''
+
+
+def _write_probe_app(root: Path) -> Path:
+    """A minimal Flower app with the project's component names and run-config keys."""
+    src = (REPO / "pyproject.toml").read_text()
+    cfg = src[src.index("[tool.flwr.app.config]") :]
+    cfg = cfg[: cfg.index("\n[", 1)] if "\n[" in cfg[1:] else cfg
+    app = root / "probeapp"
+    for pkg, code in (("server", _PROBE_SERVER), ("client", _PROBE_CLIENT)):
+        (app / pkg).mkdir(parents=True)
+        (app / pkg / "__init__.py").write_text("")
+        (app / pkg / "app.py").write_text(code)
+    (app / "pyproject.toml").write_text(
+        '[project]\nname = "probeapp"\nversion = "0.1.0"\ndescription = "launcher probe"\n'
+        'license = "Apache-2.0"\ndependencies = []\n\n[tool.flwr.app]\npublisher = "probe"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "server.app:app"\nclientapp = "client.app:app"\n\n' + cfg
+    )
+    return app
+
+
+def _leftovers() -> list[str]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                env = Path(f"/proc/{entry}/environ").read_bytes()
+            except OSError:
+                continue
+            if b"FLWR_HOME=/tmp/fedmeta-sim-" in env:
+                out.append(entry)
+    return out
+
+
+def _launch(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, "-m", "simulations.run", "--timeout", str(timeout - 60), *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+@needs_config
+def test_launcher_end_to_end_with_probe_app(tmp_path):
+    app = _write_probe_app(tmp_path)
+    common = (
+        "num-hospitals=3 num-held-out=1 clients-per-round=2 min-replies=1 num-server-rounds=2 "
+        "round-timeout=60.0"
+    )
+    t0 = time.time()
+    ok = _launch(["--app-dir", str(app), "--run-config", f'{common} results-dir="res/ok"'], cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+    summary = tmp_path / "res" / "ok" / "summary.json"  # relative to the caller's cwd
+    assert json.loads(summary.read_text())["status"] == "completed"
+    assert summary.stat().st_mtime >= t0
+    assert "probe round 2: 3/3 replies" in ok.stdout
+    assert "wall time" in ok.stdout and str(summary) in ok.stdout
+    assert _leftovers() == []
+
+    bad = _launch(
+        ["--app-dir", str(app), "--run-config", f'{common} dataset="fail-on-purpose" results-dir="res/bad"'],
+        cwd=tmp_path,
+    )
+    assert bad.returncode == 1, bad.stdout[-3000:] + bad.stderr[-3000:]
+    assert "finished:failed" in bad.stderr and "fails on purpose" in bad.stderr
+    assert not (tmp_path / "res" / "bad" / "summary.json").exists()
+    assert _leftovers() == []
