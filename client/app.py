@@ -24,7 +24,7 @@ from common import protocol as P
 from common.config import Config, load_config
 from common.hospital import Site, adapt_and_score, load_site, new_model, train_round
 from common.model import get_params
-from common.privacy import PrivacyLedger
+from common.privacy import PrivacyError, PrivacyLedger
 
 app = ClientApp(mods=[audit_mod])
 
@@ -65,7 +65,12 @@ def _load_ledger(context: Context, cfg: Config) -> PrivacyLedger:
     if P.LEDGER_STATE in context.state:
         return PrivacyLedger.from_state(dict(context.state[P.LEDGER_STATE]))
     if path is not None and path.exists():
-        return PrivacyLedger.from_state(json.loads(path.read_text()))
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise PrivacyError(f"privacy ledger {path} is unreadable ({exc}); refusing to train rather than "
+                               "restart this hospital's epsilon from zero. Restore the file from backup.") from exc
+        return PrivacyLedger.from_state(state)
     return PrivacyLedger(delta=cfg.target_delta)
 
 

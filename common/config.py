@@ -35,6 +35,7 @@ class Config:
     clients_per_round: int
     min_replies: int
     round_timeout: float
+    wait_for_nodes: float
     algorithm: str
     inner_steps: int
     inner_lr: float
@@ -161,6 +162,7 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
         clients_per_round=_int(rc, "clients_per_round", lo=1),
         min_replies=_int(rc, "min_replies", lo=1),
         round_timeout=_float(rc, "round_timeout", lo=0.0),
+        wait_for_nodes=_float(rc, "wait_for_nodes", lo=0.0, lo_open=False),
         algorithm=_choice(rc, "algorithm", ALGORITHMS),
         inner_steps=_int(rc, "inner_steps", lo=1),
         inner_lr=_float(rc, "inner_lr", lo=0.0),

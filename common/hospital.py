@@ -38,8 +38,11 @@ class Site:
 
 
 def min_records_per_hospital(cfg: Config, n_classes: int) -> int:
-    """Enough records at every site for a K-shot support set of each class and a query set."""
-    return n_classes * (cfg.shots + 1)
+    """Enough records at every site for a K-shot support set and a query set to score it on.
+
+    Not K per class: under label skew a site may lack a class entirely, as real hospitals do.
+    """
+    return max(n_classes, 2 * cfg.shots + 2)
 
 
 def hospital_indices(cfg: Config, labels: np.ndarray, n_classes: int) -> list[np.ndarray]:

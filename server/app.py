@@ -29,29 +29,40 @@ log = logging.getLogger("flwr")  # Flower's own logger: its lines reach `flwr ru
 app = ServerApp()
 
 
-def discover_hospitals(grid: Grid, cfg: Config) -> dict[int, int]:
-    """Map node id -> hospital id for every node that answers a `query` within the round timeout."""
-    deadline = time.monotonic() + cfg.round_timeout
-    nodes = list(grid.get_node_ids())
+def discover_hospitals(grid: Grid, cfg: Config, known: dict[int, int], *, wait: float) -> dict[int, int]:
+    """Map node id -> hospital id for the connected nodes, asking new nodes with a `query` message.
+
+    Waits up to `wait` seconds for `num-hospitals` nodes to be connected. Nodes that left are
+    dropped; nodes that (re)joined are asked which hospital they are, so a hospital whose process
+    restarted takes part again.
+    """
+    deadline = time.monotonic() + wait
+    nodes = set(grid.get_node_ids())
     while len(nodes) < cfg.num_hospitals and time.monotonic() < deadline:
-        time.sleep(1.0)
-        nodes = list(grid.get_node_ids())
-    if len(nodes) < cfg.num_hospitals:
-        log.warning("only %d of num-hospitals=%d nodes connected; continuing with them", len(nodes), cfg.num_hospitals)
+        time.sleep(0.5)
+        nodes = set(grid.get_node_ids())
+    roster = {n: h for n, h in known.items() if n in nodes}
+    new = sorted(nodes - set(roster))
+    if not new:
+        return roster
     msgs = [Message(RecordDict({P.CONFIG: ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
-            for n in nodes]
-    hospital_of: dict[int, int] = {}
+            for n in new]
     for reply in grid.send_and_receive(msgs, timeout=cfg.round_timeout):
         node = reply.metadata.src_node_id
-        if reply.has_error() or P.METRICS not in reply.content:
+        if reply.has_error() or P.METRICS not in reply.content or P.HOSPITAL_ID not in reply.content[P.METRICS]:
             log.warning("node %d did not say which hospital it is; ignored", node)
             continue
         hid = int(reply.content[P.METRICS][P.HOSPITAL_ID])
-        if not 0 <= hid < cfg.num_hospitals or hid in hospital_of.values():
-            log.warning("node %d claims hospital id %d (invalid or duplicate); ignored", node, hid)
+        if not 0 <= hid < cfg.num_hospitals:
+            log.warning("node %d claims hospital id %d outside 0..%d; ignored", node, hid, cfg.num_hospitals - 1)
             continue
-        hospital_of[node] = hid
-    return hospital_of
+        stale = [n for n, h in roster.items() if h == hid]
+        for n in stale:  # the same hospital on a new node: it restarted, the old node is gone
+            del roster[n]
+        roster[node] = hid
+    if len(roster) < cfg.num_hospitals:
+        log.warning("%d of num-hospitals=%d hospitals connected; continuing with them", len(roster), cfg.num_hospitals)
+    return roster
 
 
 def _round_line(cfg: Config, rnd: int, entry: dict[str, Any], max_eps: float, seconds: float) -> str:
@@ -76,19 +87,14 @@ def main(grid: Grid, context: Context) -> None:
     results = Path(cfg.results_dir).expanduser()
     results.mkdir(parents=True, exist_ok=True)
 
-    hospital_of = discover_hospitals(grid, cfg)
     held_ids = set(held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed))
-    training_nodes = sorted(n for n, h in hospital_of.items() if h not in held_ids)
-    held_nodes = sorted(n for n, h in hospital_of.items() if h in held_ids)
-    if not training_nodes:
+    strategy = MetaGradientStrategy(cfg, theta, held_out_ids=held_ids)
+    strategy.set_roster(discover_hospitals(grid, cfg, {}, wait=cfg.wait_for_nodes))
+    if not strategy.training_nodes:
         raise RuntimeError("no training hospital is connected; nothing to meta-train")
-    if not held_nodes:
+    if not strategy.held_out_nodes:
         log.warning("no held-out hospital is connected: adaptation to a new hospital will not be measured")
-    strategy = MetaGradientStrategy(cfg, theta, hospital_of=hospital_of,
-                                    training_nodes=training_nodes, held_out_nodes=held_nodes)
     strategy.summary()
-    log.info("training hospitals %s, held-out hospitals %s",
-             sorted(hospital_of[n] for n in training_nodes), sorted(hospital_of[n] for n in held_nodes))
 
     summary: dict[str, Any] = {
         "status": "running",
@@ -98,8 +104,8 @@ def main(grid: Grid, context: Context) -> None:
         "privacy": {"dp": cfg.dp, "unit": "one patient record at one hospital", "accountant": "opacus RDP",
                     "target_epsilon": cfg.target_epsilon if cfg.dp else None,
                     "delta": cfg.target_delta if cfg.dp else None},
-        "training_hospitals": sorted(hospital_of[n] for n in training_nodes),
-        "held_out_hospitals": sorted(hospital_of[n] for n in held_nodes),
+        "training_hospitals": strategy.training_hospitals(),
+        "held_out_hospitals": strategy.held_out_hospitals(),
         "rounds": [], "hospitals": {}, "final": None, "max_epsilon": 0.0,
     }
     arrays = to_array_record(theta)
@@ -107,6 +113,8 @@ def main(grid: Grid, context: Context) -> None:
     last_eval = None
     for rnd in range(1, cfg.num_server_rounds + 1):
         t0 = time.monotonic()
+        if rnd > 1:  # pick up hospitals that (re)joined, forget nodes that left
+            strategy.set_roster(discover_hospitals(grid, cfg, strategy.hospital_of, wait=0.0))
         replies = grid.send_and_receive(
             strategy.configure_train(rnd, arrays, ConfigRecord({}), grid), timeout=cfg.round_timeout)
         new_arrays, _ = strategy.aggregate_train(rnd, replies)
@@ -118,7 +126,7 @@ def main(grid: Grid, context: Context) -> None:
                                  "dropped": len(rep.dropped), "updated": rep.updated}
         if rep.dropped:
             entry["dropped_reasons"] = rep.dropped
-        if held_nodes and (rnd % cfg.eval_every == 0 or rnd == cfg.num_server_rounds):
+        if strategy.held_out_nodes and (rnd % cfg.eval_every == 0 or rnd == cfg.num_server_rounds):
             ev = strategy.aggregate_evaluate(rnd, grid.send_and_receive(
                 strategy.configure_evaluate(rnd, arrays, ConfigRecord({}), grid), timeout=cfg.round_timeout))
             if ev is not None:

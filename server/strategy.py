@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,17 +51,33 @@ def to_array_record(params: Params) -> ArrayRecord:
 class MetaGradientStrategy(Strategy):
     """Weighted mean of validated meta-gradients, then Adam/SGD (or FedAvg's plain mean step) on theta."""
 
-    def __init__(self, cfg: Config, theta: Params, *, hospital_of: dict[int, int],
-                 training_nodes: Sequence[int], held_out_nodes: Sequence[int]) -> None:
+    def __init__(self, cfg: Config, theta: Params, *, held_out_ids: Iterable[int]) -> None:
         self.cfg = cfg
         self.optimizer = OuterOptimizer(theta, algorithm=cfg.algorithm, kind=cfg.meta_optimizer, lr=cfg.meta_lr)
         self.expected = {k: tuple(v.shape) for k, v in theta.items()}
-        self.hospital_of = dict(hospital_of)
-        self.training_nodes = list(training_nodes)
-        self.held_out_nodes = list(held_out_nodes)
+        self.held_out_ids = frozenset(held_out_ids)
+        self.hospital_of: dict[int, int] = {}
+        self.training_nodes: list[int] = []
+        self.held_out_nodes: list[int] = []
         self.hospitals: dict[int, HospitalRecord] = {}
         self.last_report = RoundReport()
         self._rng = random.Random(cfg.seed)
+
+    def set_roster(self, hospital_of: dict[int, int]) -> None:
+        """Which node is which hospital; held-out hospitals never receive a training message."""
+        changed = hospital_of != self.hospital_of
+        self.hospital_of = dict(hospital_of)
+        self.training_nodes = sorted(n for n, h in hospital_of.items() if h not in self.held_out_ids)
+        self.held_out_nodes = sorted(n for n, h in hospital_of.items() if h in self.held_out_ids)
+        if changed:
+            log.info("training hospitals %s, held-out hospitals %s",
+                     self.training_hospitals(), self.held_out_hospitals())
+
+    def training_hospitals(self) -> list[int]:
+        return sorted(self.hospital_of[n] for n in self.training_nodes)
+
+    def held_out_hospitals(self) -> list[int]:
+        return sorted(self.hospital_of[n] for n in self.held_out_nodes)
 
     # -- training -------------------------------------------------------------------------------
     def sample_training_nodes(self) -> list[int]:

@@ -61,3 +61,14 @@ def run_config(medmnist_dir, tmp_path) -> dict:
     rc.update({"data-dir": str(medmnist_dir), "dataset": "breastmnist", "results-dir": str(tmp_path / "results"),
                "num-server-rounds": 5, "inner-steps": 2})
     return rc
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    """Generated files in the official format for sets not shipped here: RGB, multi-class, ordinal, 64x64."""
+    d = tmp_path_factory.mktemp("synthetic_medmnist")
+    write_synthetic_npz(d / "bloodmnist.npz", n=(300, 40, 60), n_classes=8, channels=3, seed=1)
+    write_synthetic_npz(d / "retinamnist.npz", n=(200, 30, 50), n_classes=5, channels=3, seed=2)
+    write_synthetic_npz(d / "organamnist_64.npz", n=(300, 40, 60), n_classes=11, size=64, seed=3)
+    write_synthetic_npz(d / "breastmnist.npz", n=(300, 40, 60), n_classes=2, seed=4)
+    return d

@@ -14,6 +14,7 @@ from common import protocol as P
 from common.config import load_config
 from common.data import dataset_info
 from common.model import build_model, get_params
+from common.privacy import PrivacyError
 from server.strategy import MetaGradientStrategy, to_array_record
 
 
@@ -41,6 +42,12 @@ def theta_for(run_config: dict):
     cfg = load_config(run_config)
     info = dataset_info(cfg.dataset, cfg.image_size)
     return cfg, get_params(build_model(in_channels=info.n_channels, num_classes=info.n_classes, seed=cfg.seed))
+
+
+def make_strategy(cfg, theta, roster: dict[int, int], *, held_out: set[int]) -> MetaGradientStrategy:
+    strategy = MetaGradientStrategy(cfg, theta, held_out_ids=held_out)
+    strategy.set_roster(roster)
+    return strategy
 
 
 ALLOWED_RECORDS = {P.GRADIENT, P.METRICS, P.STATUS}
@@ -94,8 +101,8 @@ def test_hospital_declines_instead_of_exceeding_its_budget(run_config) -> None:
 
 def test_strategy_aggregates_valid_replies_and_drops_bad_ones(run_config, caplog) -> None:
     cfg, theta = theta_for({**run_config, "min-replies": 1})
-    strategy = MetaGradientStrategy(cfg, theta, hospital_of={100 + h: h for h in range(10)},
-                                    training_nodes=[100 + h for h in range(8)], held_out_nodes=[108, 109])
+    strategy = make_strategy(cfg, theta, {100 + h: h for h in range(10)}, held_out={8, 9})
+    assert strategy.training_nodes == [100 + h for h in range(8)] and strategy.held_out_nodes == [108, 109]
     arrays = to_array_record(theta)
     good = [send(run_config, h, arrays, MessageType.TRAIN)[0] for h in (0, 1)]
 
@@ -138,8 +145,7 @@ def test_strategy_aggregates_valid_replies_and_drops_bad_ones(run_config, caplog
         step = theta[k].numpy() - new[k].numpy()
         np.testing.assert_allclose(step, cfg.meta_lr * expected[k] / (np.abs(expected[k]) + 1e-8), rtol=1e-3, atol=1e-8)
     # nothing from a bad reply moved the model: the same step without them
-    fresh = MetaGradientStrategy(cfg, theta, hospital_of={100 + h: h for h in range(10)},
-                                 training_nodes=[100 + h for h in range(8)], held_out_nodes=[])
+    fresh = make_strategy(cfg, theta, {100 + h: h for h in range(10)}, held_out={8, 9})
     only_good, _ = fresh.aggregate_train(1, good)
     for k in theta:
         np.testing.assert_array_equal(only_good[k].numpy(), new[k].numpy())
@@ -147,7 +153,7 @@ def test_strategy_aggregates_valid_replies_and_drops_bad_ones(run_config, caplog
 
 def test_too_few_valid_replies_leave_theta_unchanged(run_config) -> None:
     cfg, theta = theta_for({**run_config, "min-replies": 2})
-    strategy = MetaGradientStrategy(cfg, theta, hospital_of={100: 0}, training_nodes=[100], held_out_nodes=[])
+    strategy = make_strategy(cfg, theta, {100: 0}, held_out=set())
     reply = send(run_config, 0, to_array_record(theta), MessageType.TRAIN)[0]
     assert strategy.aggregate_train(1, [reply]) == (None, None)
 
@@ -160,7 +166,7 @@ def test_evaluate_adapts_and_reports_before_and_after(run_config) -> None:
     for k in (P.ACCURACY, P.ACCURACY_BEFORE):
         assert 0.0 <= m[k] <= 1.0
     assert m[P.NUM_SUPPORT] <= cfg.shots * 2 and m[P.NUM_EXAMPLES] > 0
-    strategy = MetaGradientStrategy(cfg, theta, hospital_of={109: 9}, training_nodes=[100], held_out_nodes=[109])
+    strategy = make_strategy(cfg, theta, {100: 0, 109: 9}, held_out={9})
     agg = strategy.aggregate_evaluate(1, [reply])
     assert agg is not None and agg[P.ACCURACY] == pytest.approx(m[P.ACCURACY])
 
@@ -172,3 +178,27 @@ def test_every_algorithm_trains_without_dp(run_config, algorithm) -> None:
     reply, _ = send(rc, 1, to_array_record(theta), MessageType.TRAIN)
     audit_outgoing(reply, theta)
     assert reply.content[P.METRICS][P.EPSILON] == 0.0
+
+
+def test_ledger_survives_a_client_restart_through_the_hospital_side_file(run_config, tmp_path) -> None:
+    _, theta = theta_for(run_config)
+    ledger_dir = tmp_path / "hospital0"
+
+    def send_with_file(state: RecordDict, rnd: int) -> tuple[Message, Context]:
+        ctx = Context(run_id=1, node_id=100, node_config={"hospital-id": 0, "ledger-dir": str(ledger_dir)},
+                      state=state, run_config=run_config)
+        msg = Message(RecordDict({P.ARRAYS: to_array_record(theta), P.CONFIG: ConfigRecord({P.SERVER_ROUND: rnd})}),
+                      dst_node_id=100, message_type=MessageType.TRAIN)
+        return client_app(msg, ctx), ctx
+
+    first, ctx = send_with_file(RecordDict(), 1)
+    second, _ = send_with_file(ctx.state, 2)
+    eps2 = second.content[P.METRICS][P.EPSILON]
+    # the process restarts: context.state is empty, the file on the hospital's side is not
+    third, _ = send_with_file(RecordDict(), 3)
+    m = third.content[P.METRICS]
+    assert m[P.EPSILON] > eps2 > first.content[P.METRICS][P.EPSILON]
+    assert m[P.ROUNDS] == 3
+    (ledger_dir / "privacy_ledger.json").write_text("{not json")
+    with pytest.raises(PrivacyError, match="refusing"):  # a corrupt ledger must never restart from zero
+        send_with_file(RecordDict(), 4)

@@ -1,0 +1,52 @@
+"""Run-config validation: every bad value fails at start, naming the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.config import ConfigError, load_config
+from conftest import base_run_config
+
+
+def test_pyproject_defaults_are_valid() -> None:
+    cfg = load_config(base_run_config())
+    assert cfg.num_hospitals >= 10 and cfg.dp and cfg.algorithm == "fomaml" and cfg.first_order
+    assert cfg.to_run_config()["target-epsilon"] == cfg.target_epsilon
+
+
+@pytest.mark.parametrize(("key", "value", "fragment"), [
+    ("num-hospitals", 1, "'num-hospitals' = 1: must be >= 2"),
+    ("num-hospitals", 2.5, "must be an integer"),
+    ("num-held-out", 10, "'num-held-out' = 10: must be smaller than 'num-hospitals' = 10"),
+    ("algorithm", "sgd", "'algorithm' = 'sgd': must be one of maml, fomaml, reptile, fedavg"),
+    ("meta-optimizer", "rmsprop", "must be one of adam, sgd"),
+    ("target-epsilon", 0.0, "'target-epsilon' = 0.0: must be > 0"),
+    ("target-delta", 0.5, "'target-delta' = 0.5: must be > 0.0 and <= 0.1"),
+    ("max-grad-norm", -1.0, "'max-grad-norm' = -1.0: must be > 0"),
+    ("noise-multiplier", -0.5, "'noise-multiplier' = -0.5: must be >= 0"),
+    ("dp", "maybe", "'dp' = 'maybe': must be true or false"),
+    ("image-size", 32, "must be one of 28, 64, 128, 224"),
+    ("inner-lr", float("nan"), "'inner-lr' = nan"),
+    ("min-replies", 9, "'min-replies' = 9: must be <= 'clients-per-round' = 8"),
+    ("dataset", "", "must be a non-empty string"),
+])
+def test_bad_values_name_key_value_and_allowed(key, value, fragment) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config({**base_run_config(), key: value})
+    assert fragment in str(err.value)
+
+
+def test_unknown_and_missing_keys() -> None:
+    with pytest.raises(ConfigError, match="unknown run-config key.*'num-hospital'"):
+        load_config({**base_run_config(), "num-hospital": 3})
+    rc = base_run_config()
+    del rc["seed"]
+    with pytest.raises(ConfigError, match="'seed' is missing"):
+        load_config(rc)
+
+
+def test_second_order_maml_with_dp_is_refused_with_the_reason() -> None:
+    with pytest.raises(ConfigError, match="second-order MAML") as err:
+        load_config({**base_run_config(), "algorithm": "maml", "dp": True})
+    assert "fomaml" in str(err.value)
+    assert not load_config({**base_run_config(), "algorithm": "maml", "dp": False}).first_order
