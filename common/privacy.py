@@ -20,6 +20,7 @@ seed: a seed known to the server would let it subtract the noise.
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import warnings
@@ -34,6 +35,7 @@ import torch
 
 _root_handlers = list(logging.getLogger().handlers)
 from opacus.accountants import RDPAccountant  # noqa: E402
+from opacus.accountants.analysis import rdp as rdp_analysis  # noqa: E402
 from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -138,6 +140,26 @@ def epsilon_for(*, noise_multiplier: float, sample_rate: float, steps: int, delt
     return float(acc.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
 
 
+@functools.lru_cache(maxsize=1024)
+def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """Opacus' RDP curve of one subsampled Gaussian step over `RDP_ORDERS` (pure, so cached)."""
+    return np.asarray(rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                               orders=list(RDP_ORDERS)), dtype=np.float64)
+
+
+def epsilon_of_history(history: list[tuple[float, float, int]], delta: float) -> float:
+    """What `RDPAccountant(history).get_epsilon(delta, RDP_ORDERS)` returns, computed the same way.
+
+    RDP composes additively and is linear in the number of steps, so the per-step curves are cached:
+    the ledger is asked for epsilon twice per round and Opacus recomputes every curve each time.
+    """
+    if not history:
+        return 0.0
+    rdp = sum(steps * _rdp_of_one_step(float(s), float(q)) for s, q, steps in history)
+    eps, _ = rdp_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
+    return float(eps)
+
+
 class PrivacyLedger:
     """One hospital's running privacy account over the whole run, around an Opacus accountant.
 
@@ -160,9 +182,7 @@ class PrivacyLedger:
         return list(self._accountant.history)
 
     def epsilon(self) -> float:
-        if not self._accountant.history:
-            return 0.0
-        return float(self._accountant.get_epsilon(delta=self.delta, alphas=list(RDP_ORDERS)))
+        return epsilon_of_history(self._accountant.history, self.delta)
 
     def epsilon_after(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """Epsilon if `steps` more steps were taken (nothing is recorded)."""

@@ -13,7 +13,7 @@ from opacus.optimizers import DPOptimizer
 from common.maml import per_sample_gradients
 from common.model import SmallCNN, get_params
 from common.privacy import (
-    PrivacyError, PrivacyLedger, PrivacySpec, calibrate_noise_multiplier, clip_and_sum,
+    PrivacyError, PrivacyLedger, PrivacySpec, RDP_ORDERS, calibrate_noise_multiplier, clip_and_sum,
     effective_noise_multiplier, epsilon_for, private_gradient_fn, sample_rate,
 )
 
@@ -94,7 +94,11 @@ def test_ledger_matches_opacus_reference_figures() -> None:
     ref = RDPAccountant()
     for _ in range(1000):
         ref.step(noise_multiplier=1.0, sample_rate=0.01)
-    assert ledger.epsilon() == pytest.approx(ref.get_epsilon(1e-5), rel=1e-9)  # optimum below order 63: same figure
+    assert ledger.epsilon() == pytest.approx(ref.get_epsilon(1e-5), rel=1e-9)
+    # a mixed history: the ledger's cached computation equals Opacus' accountant over the same orders
+    ledger.record(noise_multiplier=0.7, sample_rate=0.3, steps=40)
+    ref.history = ledger.history
+    assert ledger.epsilon() == pytest.approx(ref.get_epsilon(1e-5, alphas=list(RDP_ORDERS)), rel=1e-12)  # optimum below order 63: same figure
 
 
 def test_epsilon_is_monotone_and_survives_a_restart() -> None:
