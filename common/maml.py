@@ -15,6 +15,9 @@ here, or the clipped-and-noised release from `common.privacy` when DP is on.
 
 from __future__ import annotations
 
+import copy
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -48,24 +51,89 @@ def mean_gradient(
     return dict(zip(names, grads)), loss
 
 
+# Per-sample-gradient engines; `per_sample_gradients` is the one place that chooses between them.
+# All three give the same per-record gradients (to float rounding, tested); they differ only in speed.
+# The default was chosen by measurement (`python -m simulations.benchmark`, engine table).
+PER_SAMPLE_ENGINES = ("vmap", "ew", "hooks")
+DEFAULT_PER_SAMPLE_ENGINE = "ew"
+
+
 def per_sample_gradients(
-    model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor
+    model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, *, engine: str | None = None
 ) -> tuple[Params, torch.Tensor]:
     """Per-record gradients ``{name: (B, *shape)}`` and per-record losses ``(B,)``.
 
-    ``vmap(grad(...))`` over the batch: each record is run as a batch of one, so nothing mixes
-    records (GroupNorm normalises within a sample). An empty batch gives empty leading dimensions.
+    Engines: ``vmap`` (``torch.func.vmap(grad(...))``, each record run as a batch of one),
+    ``ew`` (PyTorch's ExpandedWeights, what Opacus' ``grad_sample_mode="ew"`` uses) and ``hooks``
+    (Opacus' `GradSampleModule`). Nothing mixes records (GroupNorm normalises within a sample),
+    so all three compute the same quantity. An empty batch gives empty leading dimensions.
     """
+    engine = engine or DEFAULT_PER_SAMPLE_ENGINE
+    if engine not in PER_SAMPLE_ENGINES:
+        raise ValueError(f"unknown per-sample gradient engine {engine!r}; use one of {PER_SAMPLE_ENGINES}")
     detached = {k: v.detach() for k, v in params.items()}
     if x.shape[0] == 0:
         return {k: v.new_zeros((0, *v.shape)) for k, v in detached.items()}, x.new_zeros((0,))
+    if engine == "vmap":
+        return _per_sample_vmap(model, detached, x, y)
+    return _per_sample_module(model, detached, x, y, engine)
 
+
+def _per_sample_vmap(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor) -> tuple[Params, torch.Tensor]:
     def one(p: Params, xi: torch.Tensor, yi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loss = F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
         return loss, loss
 
-    grads, losses = vmap(grad(one, has_aux=True), in_dims=(None, 0, 0))(detached, x, y)
+    grads, losses = vmap(grad(one, has_aux=True), in_dims=(None, 0, 0))(params, x, y)
     return grads, losses
+
+
+# One private copy of each model per engine, whose parameters are overwritten with `params` per call
+# (the caller's model is never mutated).
+_ENGINE_COPIES: "weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def _engine_copy(model: nn.Module, engine: str) -> nn.Module:
+    copies = _ENGINE_COPIES.setdefault(model, {})
+    if engine not in copies:
+        twin = copy.deepcopy(model)
+        if engine == "hooks":
+            from opacus import GradSampleModule
+
+            twin = GradSampleModule(twin, loss_reduction="sum")
+        copies[engine] = twin
+    return copies[engine]
+
+
+def _per_sample_module(
+    model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, engine: str
+) -> tuple[Params, torch.Tensor]:
+    twin = _engine_copy(model, engine)
+    inner = twin._module if engine == "hooks" else twin
+    named = dict(inner.named_parameters())
+    if set(named) != set(params):
+        raise ValueError("params do not match the model's parameter names")
+    with torch.no_grad():
+        for k, p in named.items():
+            p.copy_(params[k])
+            p.grad = None
+            p.grad_sample = None
+    if engine == "ew":
+        from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
+
+        logits = call_for_per_sample_grads(inner, batch_size=x.shape[0], loss_reduction="sum")(x)
+    else:
+        logits = twin(x)
+    losses = F.cross_entropy(logits, y, reduction="none")
+    with warnings.catch_warnings():
+        # Opacus' hooks: the input needs no gradient, which is exactly our case
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        losses.sum().backward()
+    grads = {k: p.grad_sample.detach() for k, p in named.items()}
+    for p in named.values():
+        p.grad = None
+        p.grad_sample = None
+    return grads, losses.detach()
 
 
 @dataclass(frozen=True)
