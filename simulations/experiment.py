@@ -1,0 +1,579 @@
+"""Run a named experiment from a config file: methods x epsilon x shots x adaptation steps x skew.
+
+    python -m simulations.experiment simulations/experiments/headline-breastmnist.toml [--quick]
+        [--out DIR] [--run-config "key=value ..."] [--cache DIR | --no-cache]
+
+Writes into ``--out`` (default ``docs/results/<name>``, ``<name>-quick`` with ``--quick``):
+``config.toml`` (a copy of the config used) and ``command.txt``, ``draws.csv`` (one row per
+seed x held-out hospital x support draw x method x epsilon x K x steps), ``runs.csv`` (one row per
+trained initialisation: wall time, epsilon spent, ...), ``summary.csv`` and ``paired.csv``,
+``results.md`` (the tables) and PNG plots.
+
+Protocol (the same for every method):
+- seeds: each seed fixes the partition into hospitals, which hospitals are held out, the
+  initialisation and the hospitals sampled per round (never the DP noise);
+- a method yields an initialisation theta: federated meta-learning / FedAvg trained with
+  `simulations.local_loop.meta_train` (exactly the computation of the Flower apps, minus the
+  transport), centralised non-private training on the pooled training hospitals, or the random
+  initialisation (local-only);
+- at every held-out hospital, ``draws`` seeded K-shot support sets (identical across methods), the
+  rest of the site as test set; `common.baselines.finetune_curve` (full-batch SGD at `adapt-lr`)
+  scored after each step count of the sweep. Paired differences are taken per (seed, hospital,
+  draw, K, steps).
+- every table row: mean +- std over seeds of the per-seed mean over hospitals and draws.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import shlex
+import sys
+import time
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PREFIX = "[experiment]"
+INF = math.inf
+KINDS = ("federated", "centralised", "local", "local-adam")
+DRAW_COLUMNS = ["dataset", "dirichlet_alpha", "seed", "method", "epsilon", "hospital", "draw", "shots",
+                "steps", "n_support", "n_query", "accuracy", "auc"]
+
+QUICK_DEFAULTS: dict[str, Any] = {
+    "run-config": {"num-server-rounds": 2, "num-hospitals": 5, "num-held-out": 1, "clients-per-round": 2},
+    "eval": {"draws": 1},
+    "centralised": {"epochs": 1},
+    "local-adam": {"steps": 5},
+}
+
+
+class ExperimentConfigError(ValueError):
+    """The experiment file is malformed; the message names the key."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str
+    algorithm: str = ""
+    epsilons: tuple[float, ...] = (INF,)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    datasets: tuple[str, ...]
+    seeds: tuple[int, ...]
+    run_config: dict[str, Any]
+    methods: tuple[Method, ...]
+    shots: tuple[int, ...]
+    adapt_steps: tuple[int, ...]
+    dirichlet_alphas: tuple[float, ...]
+    headline: dict[str, Any]
+    draws: int
+    centralised: dict[str, Any]
+    local_adam: dict[str, Any]
+    raw: dict[str, Any]
+
+
+def _eps(value: Any) -> float:
+    if isinstance(value, str) and value.lower() in ("inf", "infinity", "none"):
+        return INF
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ExperimentConfigError(f"epsilon {value!r}: must be a positive number or \"inf\" (no DP)")
+    return float(value)
+
+
+def eps_label(eps: float) -> str:
+    return "inf" if math.isinf(eps) else f"{eps:g}"
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def parse_experiment(raw: Mapping[str, Any], *, quick: bool = False) -> Experiment:
+    """Validate an experiment file's contents (and apply its `[quick]` table with `quick`)."""
+    raw = dict(raw)
+    if quick:
+        raw = _merge(_merge(raw, QUICK_DEFAULTS), raw.get("quick", {}))
+    try:
+        name = str(raw["name"])
+        datasets = tuple(str(d).lower() for d in raw["datasets"])
+        seeds = tuple(int(s) for s in raw["seeds"])
+    except KeyError as exc:
+        raise ExperimentConfigError(f"experiment file needs the key {exc}") from exc
+    if len(seeds) < 1 or not datasets:
+        raise ExperimentConfigError("need at least one dataset and one seed")
+    sweep = raw.get("sweep", {})
+    epsilons = tuple(_eps(e) for e in sweep.get("epsilons", ["inf"]))
+    methods = []
+    for m in raw.get("method", []):
+        kind = m.get("kind", "federated")
+        if kind not in KINDS:
+            raise ExperimentConfigError(f"method {m.get('name')!r}: kind {kind!r} must be one of {KINDS}")
+        eps = tuple(_eps(e) for e in m.get("epsilons", epsilons)) if kind == "federated" else (INF,)
+        if kind == "federated" and m.get("algorithm") == "maml":
+            eps = tuple(e for e in eps if math.isinf(e))  # second-order MAML with DP is refused
+        if quick and "quick-epsilons" in raw.get("quick", {}) and kind == "federated":
+            allowed = {_eps(e) for e in raw["quick"]["quick-epsilons"]}
+            eps = tuple(e for e in eps if e in allowed) or eps[:1]
+        methods.append(Method(str(m["name"]), kind, str(m.get("algorithm", "")), eps))
+    if not methods:
+        raise ExperimentConfigError("no [[method]] tables")
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ExperimentConfigError(f"method names must be unique, got {names}")
+    shots = tuple(int(k) for k in sweep.get("shots", [5]))
+    steps = tuple(sorted({int(s) for s in sweep.get("adapt-steps", [20])} | {0}))
+    alphas = tuple(float(a) for a in sweep.get("dirichlet-alpha", [raw.get("run-config", {}).get("dirichlet-alpha", 1.0)]))
+    headline = {"shots": int(raw.get("headline", {}).get("shots", shots[0])),
+                "adapt-steps": int(raw.get("headline", {}).get("adapt-steps", max(steps))),
+                "dirichlet-alpha": float(raw.get("headline", {}).get("dirichlet-alpha", alphas[0]))}
+    if headline["shots"] not in shots or headline["adapt-steps"] not in steps or headline["dirichlet-alpha"] not in alphas:
+        raise ExperimentConfigError(f"[headline] {headline} must be one point of the sweep")
+    return Experiment(
+        name=name, datasets=datasets, seeds=seeds, run_config=dict(raw.get("run-config", {})),
+        methods=tuple(methods), shots=shots, adapt_steps=steps, dirichlet_alphas=alphas, headline=headline,
+        draws=int(raw.get("eval", {}).get("draws", 5)),
+        centralised={"epochs": 30, "lr": 1e-3, "batch-size": 128, "val-fraction": 0.1, **raw.get("centralised", {})},
+        local_adam={"steps": 300, "lr": 1e-3, **raw.get("local-adam", {})},
+        raw=raw,
+    )
+
+
+def base_run_config(exp: Experiment, cli_overrides: Mapping[str, Any], cwd: Path) -> dict[str, Any]:
+    with open(REPO_ROOT / "pyproject.toml", "rb") as fh:
+        rc = dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+    rc.update(exp.run_config)
+    rc.update(cli_overrides)
+    d = Path(os.path.expanduser(str(rc["data-dir"])))
+    rc["data-dir"] = str(d if d.is_absolute() else (cwd / d).resolve())
+    return rc
+
+
+# --------------------------------------------------------------------------- one initialisation
+
+
+def _cache_key(kind: str, rc: Mapping[str, Any], extra: Mapping[str, Any]) -> str:
+    ignore = {"results-dir", "eval-every", "round-timeout", "wait-for-nodes", "data-dir"}
+    blob = json.dumps({"kind": kind, "rc": {k: v for k, v in sorted(rc.items()) if k not in ignore},
+                       "extra": dict(extra), "v": 1}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def train_initialisation(method: Method, eps: float, rc: Mapping[str, Any], exp: Experiment,
+                         cache: Path | None) -> tuple[dict, dict[str, Any]]:
+    """theta for one (method, epsilon, seed, dataset, skew) and facts about its training."""
+    import torch
+
+    from common.baselines import random_init, train_centralised
+    from common.config import load_config
+    from common.hospital import new_model
+    from simulations.local_loop import meta_train, sites_for
+
+    rc = dict(rc)
+    if method.kind == "federated":
+        rc.update({"algorithm": method.algorithm, "dp": not math.isinf(eps)})
+        if not math.isinf(eps):
+            rc["target-epsilon"] = eps
+    extra = exp.centralised if method.kind == "centralised" else {}
+    key = _cache_key(method.kind, rc, extra)
+    path = cache / f"{key}.pt" if cache else None
+    if path is not None and path.exists():
+        blob = torch.load(path, weights_only=False)
+        return blob["theta"], {**blob["facts"], "cached": True}
+    cfg = load_config(rc)
+    training, _held = sites_for(cfg)
+    info = training[0].info
+    t0 = time.perf_counter()
+    facts: dict[str, Any] = {"max_epsilon_spent": 0.0, "declined": 0, "best_epoch": "", "noise_multiplier": ""}
+    if method.kind == "federated":
+        run = meta_train(cfg, training)
+        theta = run.theta
+        facts["max_epsilon_spent"] = max(run.epsilons.values()) if run.epsilons else 0.0
+        facts["declined"] = run.declined
+        facts["rounds_applied"] = len(run.meta_losses)
+        if cfg.dp:
+            from common.hospital import noise_multiplier_for
+            sig = [noise_multiplier_for(cfg, s.num_records) for s in training]
+            facts["noise_multiplier"] = f"{min(sig):.3g}-{max(sig):.3g}"
+    elif method.kind == "centralised":
+        x = torch.cat([s.x for s in training])
+        y = torch.cat([s.y for s in training])
+        res = train_centralised(
+            new_model(cfg, info), random_init(in_channels=info.n_channels, num_classes=info.n_classes, seed=cfg.seed),
+            x, y, num_classes=info.n_classes, epochs=int(extra["epochs"]), lr=float(extra["lr"]),
+            batch_size=int(extra["batch-size"]), val_fraction=float(extra["val-fraction"]), seed=cfg.seed,
+        )
+        theta = res.theta
+        facts["best_epoch"] = f"{res.best_epoch}/{res.epochs}"
+    else:
+        theta = random_init(in_channels=info.n_channels, num_classes=info.n_classes, seed=cfg.seed)
+    facts["train_seconds"] = round(time.perf_counter() - t0, 2)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"theta": theta, "facts": facts}, path)
+    return theta, {**facts, "cached": False}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_initialisation(method: Method, theta: dict, cfg: Any, held: Sequence[Any], exp: Experiment,
+                            draws_by_site: Mapping[tuple[int, int], list]) -> list[dict[str, Any]]:
+    """Adapt theta at every held-out site on the shared support draws; one row per draw x K x steps."""
+    import torch
+
+    from common.baselines import finetune_curve, train_local_adam
+    from common.hospital import new_model
+
+    rows = []
+    for site in held:
+        model = new_model(cfg, site.info)
+        for k in exp.shots:
+            for dr in draws_by_site[(site.hospital_id, k)]:
+                s, q = torch.as_tensor(dr.support), torch.as_tensor(dr.query)
+                sup, qry = (site.x[s], site.y[s]), (site.x[q], site.y[q])
+                if method.kind == "local-adam":
+                    phi = train_local_adam(model, theta, sup, steps=int(exp.local_adam["steps"]),
+                                           lr=float(exp.local_adam["lr"]))
+                    curve = {st: sc for st, sc in finetune_curve(model, phi, sup, qry, lr=cfg.adapt_lr, checkpoints=[0],
+                                                                 num_classes=site.info.n_classes).items()}
+                    curve = {st: curve[0] for st in exp.adapt_steps}  # no further adaptation: same scores
+                else:
+                    curve = finetune_curve(model, theta, sup, qry, lr=cfg.adapt_lr, checkpoints=exp.adapt_steps,
+                                           num_classes=site.info.n_classes)
+                for st, sc in curve.items():
+                    rows.append({"hospital": site.hospital_id, "draw": dr.draw, "shots": k, "steps": st,
+                                 "n_support": len(dr.support), "n_query": len(dr.query),
+                                 "accuracy": sc.accuracy, "auc": sc.auc})
+    return rows
+
+
+def run_experiment(exp: Experiment, rc_base: Mapping[str, Any], *, cache: Path | None,
+                   log=print) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    import torch
+
+    from common.baselines import kshot_draws
+    from common.config import load_config
+    from simulations.local_loop import sites_for
+
+    torch.set_num_threads(1)
+    draw_rows: list[dict[str, Any]] = []
+    run_rows: list[dict[str, Any]] = []
+    for dataset in exp.datasets:
+        for alpha in exp.dirichlet_alphas:
+            for seed in exp.seeds:
+                rc = {**rc_base, "dataset": dataset, "dirichlet-alpha": alpha, "seed": seed}
+                cfg = load_config(rc)
+                _training, held = sites_for(cfg)
+                draws_by_site = {(s.hospital_id, k): kshot_draws(s.y.numpy(), hospital_id=s.hospital_id, shots=k,
+                                                                 draws=exp.draws, seed=seed)
+                                 for s in held for k in exp.shots}
+                for method in exp.methods:
+                    for eps in method.epsilons:
+                        t0 = time.perf_counter()
+                        theta, facts = train_initialisation(method, eps, rc, exp, cache)
+                        rows = evaluate_initialisation(method, theta, cfg, held, exp, draws_by_site)
+                        common = {"dataset": dataset, "dirichlet_alpha": alpha, "seed": seed,
+                                  "method": method.name, "epsilon": eps_label(eps)}
+                        draw_rows += [{**common, **r} for r in rows]
+                        run_rows.append({**common, "kind": method.kind, "algorithm": method.algorithm, **facts,
+                                         "total_seconds": round(time.perf_counter() - t0, 2)})
+                        log(f"{PREFIX} {dataset} alpha={alpha:g} seed={seed} {method.name} eps={eps_label(eps)}: "
+                            f"{facts['train_seconds']}s train{' (cached)' if facts['cached'] else ''}, "
+                            f"eps spent {facts['max_epsilon_spent']:.3g}")
+    return draw_rows, run_rows
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _ms(values: Sequence[float], digits: int = 3) -> str:
+    import numpy as np
+
+    v = np.asarray([x for x in values if x == x], dtype=float)
+    if v.size == 0:
+        return "n/a"
+    sd = float(v.std(ddof=1)) if v.size > 1 else float("nan")
+    return f"{v.mean():.{digits}f} ± {sd:.{digits}f}" if sd == sd else f"{v.mean():.{digits}f}"
+
+
+def summarise(draws, exp: Experiment):
+    """Per (dataset, alpha, method, epsilon, K, steps): mean +- std over seeds of per-seed means."""
+    import pandas as pd
+
+    keys = ["dataset", "dirichlet_alpha", "method", "epsilon", "shots", "steps"]
+    per_seed = draws.groupby(keys + ["seed"], sort=False)[["accuracy", "auc"]].mean().reset_index()
+    g = per_seed.groupby(keys, sort=False)
+    out = g.agg(auc_mean=("auc", "mean"), auc_std=("auc", "std"), acc_mean=("accuracy", "mean"),
+                acc_std=("accuracy", "std"), seeds=("seed", "nunique")).reset_index()
+    n = draws.groupby(keys, sort=False).size().rename("n_draws").reset_index()
+    return pd.merge(out, n, on=keys)
+
+
+def paired(draws, reference: str, *, same_epsilon: bool):
+    """Paired AUC/accuracy differences of every method against `reference` on the same draws."""
+    import numpy as np
+    import pandas as pd
+
+    on = ["dataset", "dirichlet_alpha", "seed", "hospital", "draw", "shots", "steps"]
+    ref = draws[draws.method == reference]
+    if ref.empty:
+        return pd.DataFrame()
+    cols = on + (["epsilon"] if same_epsilon else [])
+    m = pd.merge(draws[draws.method != reference], ref[cols + ["auc", "accuracy"]], on=cols, suffixes=("", "_ref"))
+    m["d_auc"] = m.auc - m.auc_ref
+    m["d_acc"] = m.accuracy - m.accuracy_ref
+    keys = ["dataset", "dirichlet_alpha", "method", "epsilon", "shots", "steps"]
+    rows = []
+    for key, grp in m.groupby(keys, sort=False):
+        seed_means = grp.groupby("seed").d_auc.mean()
+        d = grp.d_auc.dropna().to_numpy()
+        se = d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else float("nan")
+        rows.append({**dict(zip(keys, key)), "reference": reference,
+                     "d_auc_mean": float(d.mean()) if d.size else float("nan"),
+                     "d_auc_seed_std": float(seed_means.std(ddof=1)) if len(seed_means) > 1 else float("nan"),
+                     "d_auc_pair_std": float(d.std(ddof=1)) if d.size > 1 else float("nan"),
+                     "d_auc_ci95_lo": float(d.mean() - 1.96 * se) if d.size > 1 else float("nan"),
+                     "d_auc_ci95_hi": float(d.mean() + 1.96 * se) if d.size > 1 else float("nan"),
+                     "d_auc_share_positive": float((d > 0).mean()) if d.size else float("nan"),
+                     "d_acc_mean": float(grp.d_acc.mean()), "n_pairs": int(d.size),
+                     "seeds": int(grp.seed.nunique())})
+    return pd.DataFrame(rows)
+
+
+def _eps_order(e: str) -> float:
+    return INF if e == "inf" else float(e)
+
+
+def _fmt_d(row) -> str:
+    if row is None:
+        return ""
+    return (f"{row.d_auc_mean:+.3f} ± {row.d_auc_seed_std:.3f} [{row.d_auc_ci95_lo:+.3f}, {row.d_auc_ci95_hi:+.3f}]"
+            f" {100 * row.d_auc_share_positive:.0f}%")
+
+
+def render_markdown(exp: Experiment, summary, pair_local, pair_fedavg, runs, command: str) -> str:
+    import pandas as pd
+
+    h = exp.headline
+    lines = [f"# Experiment `{exp.name}`", "",
+             f"Command: `{command}`", "",
+             f"Datasets: {', '.join(exp.datasets)}; seeds {list(exp.seeds)}; {exp.draws} K-shot support draws per "
+             "held-out hospital (the same draws for every method); every cell is mean ± std over seeds of the "
+             "per-seed mean over held-out hospitals and draws. AUC is the headline (support sets are class-balanced, "
+             "test sets are not, so accuracy mostly measures the threshold).", "",
+             "ΔAUC columns: paired difference on the same (seed, hospital, draw): mean ± std over seeds "
+             "[95% interval over pairs, normal approximation; pairs within a seed share one initialisation, so it is "
+             "optimistic] and the share of pairs where the method wins.", ""]
+
+    def lookup(df, **kw):
+        if df is None or df.empty:
+            return None
+        sel = df
+        for k, v in kw.items():
+            sel = sel[sel[k] == v]
+        return None if sel.empty else sel.iloc[0]
+
+    methods = [m.name for m in exp.methods]
+    for ds in exp.datasets:
+        sel = summary[(summary.dataset == ds) & (summary.shots == h["shots"]) & (summary.steps == h["adapt-steps"])
+                      & (summary.dirichlet_alpha == h["dirichlet-alpha"])]
+        lines += [f"## {ds}: headline (K={h['shots']} per class, {h['adapt-steps']} adaptation steps, "
+                  f"dirichlet-alpha={h['dirichlet-alpha']:g})", "",
+                  "| method | ε | AUC | accuracy | ΔAUC vs local-only | ΔAUC vs FedAvg (same ε) | ε spent (max) | train s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m in methods:
+            for e in sorted(sel[sel.method == m].epsilon.unique(), key=_eps_order):
+                r = lookup(sel, method=m, epsilon=e)
+                pl = lookup(pair_local, dataset=ds, method=m, epsilon=e, shots=h["shots"], steps=h["adapt-steps"],
+                            dirichlet_alpha=h["dirichlet-alpha"])
+                pf = lookup(pair_fedavg, dataset=ds, method=m, epsilon=e, shots=h["shots"], steps=h["adapt-steps"],
+                            dirichlet_alpha=h["dirichlet-alpha"])
+                rr = runs[(runs.dataset == ds) & (runs.method == m) & (runs.epsilon == e)
+                          & (runs.dirichlet_alpha == h["dirichlet-alpha"])]
+                spent = f"{rr.max_epsilon_spent.max():.2f}" if e != "inf" else "–"
+                lines.append(f"| {m} | {'∞ (no DP)' if e == 'inf' else e} | {r.auc_mean:.3f} ± {r.auc_std:.3f} | "
+                             f"{r.acc_mean:.3f} ± {r.acc_std:.3f} | {_fmt_d(pl)} | {_fmt_d(pf)} | {spent} | "
+                             f"{rr.train_seconds.mean():.0f} |")
+        lines.append("")
+        # pivot: method x epsilon (AUC)
+        eps_all = sorted(sel.epsilon.unique(), key=_eps_order)
+        lines += [f"### {ds}: AUC, method × ε", "", "| method | " + " | ".join(f"ε={e}" for e in eps_all) + " |",
+                  "|---|" + "---|" * len(eps_all)]
+        for m in methods:
+            cells = []
+            for e in eps_all:
+                r = lookup(sel, method=m, epsilon=e)
+                cells.append("" if r is None else f"{r.auc_mean:.3f} ± {r.auc_std:.3f}")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for axis, label, fixed in (("shots", "K (shots per class)", {"steps": h["adapt-steps"],
+                                                                     "dirichlet_alpha": h["dirichlet-alpha"]}),
+                                   ("steps", "adaptation steps", {"shots": h["shots"],
+                                                                  "dirichlet_alpha": h["dirichlet-alpha"]}),
+                                   ("dirichlet_alpha", "dirichlet-alpha (label skew)", {"shots": h["shots"],
+                                                                                        "steps": h["adapt-steps"]})):
+            sub = summary[summary.dataset == ds]
+            for k, v in fixed.items():
+                sub = sub[sub[k] == v]
+            values = sorted(sub[axis].unique())
+            if len(values) < 2:
+                continue
+            lines += [f"### {ds}: AUC against {label}", "",
+                      "| method | ε | " + " | ".join(f"{v:g}" for v in values) + " |", "|---|---|" + "---|" * len(values)]
+            for (m, e), grp in sub.groupby(["method", "epsilon"], sort=False):
+                cells = []
+                for v in values:
+                    r = lookup(grp, **{axis: v})
+                    cells.append("" if r is None else f"{r.auc_mean:.3f} ± {r.auc_std:.3f}")
+                lines.append(f"| {m} | {e} | " + " | ".join(cells) + " |")
+            lines.append("")
+    lines += ["## Training runs", "", "See `runs.csv` (one row per trained initialisation: wall seconds, ε spent, "
+              "noise multipliers, rounds declined, centralised best epoch).", ""]
+    return "\n".join(lines)
+
+
+def plot(exp: Experiment, summary, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = exp.headline
+    paths = []
+    for ds in exp.datasets:
+        base = summary[(summary.dataset == ds)]
+        # AUC against epsilon
+        sel = base[(base.shots == h["shots"]) & (base.steps == h["adapt-steps"]) & (base.dirichlet_alpha == h["dirichlet-alpha"])]
+        eps_all = sorted(sel.epsilon.unique(), key=_eps_order)
+        xpos = {e: i for i, e in enumerate(eps_all)}
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for m in [m.name for m in exp.methods]:
+            g = sel[sel.method == m].copy()
+            if g.empty:
+                continue
+            g = g.sort_values("epsilon", key=lambda s: s.map(_eps_order))
+            if len(g) == 1 and g.epsilon.iloc[0] == "inf" and m in ("centralised", "local", "local-adam"):
+                ax.axhline(g.auc_mean.iloc[0], ls="--", lw=1, label=f"{m} (no DP)", color="k" if m == "centralised" else None)
+                continue
+            ax.errorbar([xpos[e] for e in g.epsilon], g.auc_mean, yerr=g.auc_std.fillna(0), marker="o", capsize=3, label=m)
+        ax.set_xticks(range(len(eps_all)), [("∞" if e == "inf" else e) for e in eps_all])
+        ax.set_xlabel("ε per hospital (δ = 1e-5)")
+        ax.set_ylabel("AUC at held-out hospitals after adaptation")
+        ax.set_title(f"{ds}: K={h['shots']}, {h['adapt-steps']} steps (mean ± std over seeds)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = out / f"{ds}_auc_vs_epsilon.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+        for axis, fixed in (("shots", {"steps": h["adapt-steps"], "dirichlet_alpha": h["dirichlet-alpha"]}),
+                            ("steps", {"shots": h["shots"], "dirichlet_alpha": h["dirichlet-alpha"]}),
+                            ("dirichlet_alpha", {"shots": h["shots"], "steps": h["adapt-steps"]})):
+            sub = base
+            for k, v in fixed.items():
+                sub = sub[sub[k] == v]
+            if sub[axis].nunique() < 2:
+                continue
+            fig, ax = plt.subplots(figsize=(6.5, 4))
+            for (m, e), g in sub.groupby(["method", "epsilon"], sort=False):
+                g = g.sort_values(axis)
+                ax.errorbar(g[axis], g.auc_mean, yerr=g.auc_std.fillna(0), marker="o", capsize=3,
+                            label=f"{m} ε={'∞' if e == 'inf' else e}")
+            if axis == "dirichlet_alpha":
+                ax.set_xscale("log")
+            ax.set_xlabel(axis)
+            ax.set_ylabel("AUC at held-out hospitals")
+            ax.set_title(f"{ds}: AUC against {axis}")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            p = out / f"{ds}_auc_vs_{axis}.png"
+            fig.savefig(p, dpi=120)
+            plt.close(fig)
+            paths.append(p)
+    return paths
+
+
+def write_outputs(exp: Experiment, draw_rows, run_rows, out: Path, command: str, config_text: str) -> dict[str, Path]:
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    draws = pd.DataFrame(draw_rows, columns=DRAW_COLUMNS)
+    runs = pd.DataFrame(run_rows)
+    summary = summarise(draws, exp)
+    pair_local = paired(draws, "local", same_epsilon=False)
+    fed = [m.name for m in exp.methods if m.algorithm == "fedavg"]
+    pair_fedavg = paired(draws, fed[0], same_epsilon=True) if fed else pd.DataFrame()
+    files = {"config": out / "config.toml", "command": out / "command.txt", "draws": out / "draws.csv",
+             "runs": out / "runs.csv", "summary": out / "summary.csv", "paired": out / "paired.csv",
+             "markdown": out / "results.md"}
+    files["config"].write_text(config_text)
+    files["command"].write_text(command + "\n")
+    draws.to_csv(files["draws"], index=False, float_format="%.6g")
+    runs.to_csv(files["runs"], index=False)
+    summary.to_csv(files["summary"], index=False, float_format="%.6g")
+    pd.concat([pair_local, pair_fedavg]).to_csv(files["paired"], index=False, float_format="%.6g")
+    files["markdown"].write_text(render_markdown(exp, summary, pair_local, pair_fedavg, runs, command))
+    for i, p in enumerate(plot(exp, summary, out)):
+        files[f"plot{i}"] = p
+    return files
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
+    from flwr.common.config import parse_config_args
+
+    return dict(parse_config_args(list(items))) if items else {}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m simulations.experiment", description=__doc__.split("\n")[0])
+    ap.add_argument("config", help="experiment file (TOML), e.g. simulations/experiments/headline-breastmnist.toml")
+    ap.add_argument("--quick", action="store_true", help="reduced run (the file's [quick] table): checks the pipeline")
+    ap.add_argument("--out", help="output folder (default docs/results/<name>[-quick])")
+    ap.add_argument("--run-config", action="append", help="overrides of the run config, 'key=value ...'")
+    ap.add_argument("--cache", help="cache of trained initialisations (default results/experiment-cache)")
+    ap.add_argument("--no-cache", action="store_true", help="train everything from scratch, keep nothing")
+    args = ap.parse_args(argv)
+    cfg_path = Path(args.config)
+    config_text = cfg_path.read_text()
+    try:
+        exp = parse_experiment(tomllib.loads(config_text), quick=args.quick)
+        rc = base_run_config(exp, parse_overrides(args.run_config), Path.cwd())
+        from common.config import load_config
+        for ds in exp.datasets:
+            load_config({**rc, "dataset": ds})
+    except (ExperimentConfigError, ValueError, KeyError) as exc:
+        print(f"{PREFIX} error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else REPO_ROOT / "docs" / "results" / (exp.name + ("-quick" if args.quick else ""))
+    cache = None if args.no_cache else Path(args.cache) if args.cache else REPO_ROOT / "results" / "experiment-cache"
+    command = "python -m simulations.experiment " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    t0 = time.perf_counter()
+    draw_rows, run_rows = run_experiment(exp, rc, cache=cache)
+    files = write_outputs(exp, draw_rows, run_rows, out, command, config_text)
+    print(f"{PREFIX} done in {time.perf_counter() - t0:.0f}s: {files['markdown']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
