@@ -1,6 +1,9 @@
 """Hospital ClientApp: a thin Flower adapter around `common.hospital`.
 
-- query: tells the server which hospital this node is (no patient data).
+- query: tells the server which hospital this node is (no patient data). It is the first message
+  of a run, so it also checks what would otherwise fail later: the hospital's data (its own
+  folder when the node config has `hospital-data`), its privacy ledger file and whether the
+  privacy target can be met at all. A problem makes the reply an error that names it.
 - train: runs the inner loop on this hospital's records and returns the meta-gradient as an
   ArrayRecord, with loss, number of examples, epsilon and delta as metrics. Its privacy ledger
   lives in `context.state` for the whole run (and, when `ledger-dir` is in the node config, in a
@@ -11,6 +14,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,9 +27,15 @@ from flwr.clientapp import ClientApp
 from client.audit import audit_mod
 from common import protocol as P
 from common.config import Config, load_config
-from common.hospital import Site, adapt_and_score, load_site, new_model, train_round
+from common.data import held_out_hospitals
+from common.hospital import (
+    Site, adapt_and_score, check_privacy_budget, load_site, load_site_from_folder, new_model, noise_multiplier_for,
+    train_round,
+)
 from common.model import get_params
 from common.privacy import PrivacyError, PrivacyLedger
+
+NOISE_STATE = "noise-calibration"  # context.state: the calibrated noise multiplier, computed once per run
 
 app = ClientApp(mods=[audit_mod])
 
@@ -45,6 +56,34 @@ def hospital_id(context: Context) -> int:
                      "with --node-config 'hospital-id=<n> ...'")
 
 
+def _site(cfg: Config, context: Context, hid: int) -> Site:
+    """This hospital's records: its own folder (`hospital-data`, deployment) or its share of `data-dir`."""
+    folder = context.node_config.get("hospital-data")
+    if folder:
+        return load_site_from_folder(cfg, str(folder), hospital_id=hid)
+    return load_site(cfg, hid)
+
+
+def _with_noise_multiplier(cfg: Config, context: Context, num_records: int) -> Config:
+    """`cfg` with the calibrated noise multiplier filled in, calibrated once per run and node.
+
+    In deployment each message runs in a fresh process, so the in-process cache of
+    `noise_multiplier_for` is empty every time; the value is kept in `context.state` instead.
+    The noise is the same as calibrating every time: the calibration is a pure function of
+    the config and the number of records.
+    """
+    if not cfg.dp or cfg.noise_multiplier > 0:
+        return cfg
+    key = hashlib.sha256(json.dumps([cfg.to_run_config(), num_records], sort_keys=True).encode()).hexdigest()
+    cached = context.state[NOISE_STATE] if NOISE_STATE in context.state else None
+    if cached is not None and cached.get("key") == key:
+        sigma = float(cached["sigma"])
+    else:
+        sigma = noise_multiplier_for(cfg, num_records)
+        context.state[NOISE_STATE] = ConfigRecord({"key": key, "sigma": sigma})
+    return dataclasses.replace(cfg, noise_multiplier=sigma)
+
+
 def _theta(msg: Message, site: Site, cfg: Config) -> dict[str, torch.Tensor]:
     """The global initialisation from the message, checked against this hospital's model."""
     expected = get_params(new_model(cfg, site.info))
@@ -55,13 +94,18 @@ def _theta(msg: Message, site: Site, cfg: Config) -> dict[str, torch.Tensor]:
     return {k: received[k].float() for k in expected}
 
 
-def _ledger_path(context: Context) -> Path | None:
+def _ledger_path(context: Context, cfg: Config) -> Path | None:
     d = context.node_config.get("ledger-dir")
+    if not d and cfg.dp and "hospital-id" in context.node_config:
+        raise PrivacyError("a deployed hospital (node config 'hospital-id') with dp=true needs node config "
+                           "'ledger-dir': the folder on the hospital's side where its privacy ledger is kept, so "
+                           "that a restarted client continues its epsilon instead of starting from zero. Restart "
+                           "the SuperNode with --node-config '... ledger-dir=\"/path/to/folder\"'.")
     return Path(str(d)).expanduser() / "privacy_ledger.json" if d else None
 
 
 def _load_ledger(context: Context, cfg: Config) -> PrivacyLedger:
-    path = _ledger_path(context)
+    path = _ledger_path(context, cfg)
     if P.LEDGER_STATE in context.state:
         return PrivacyLedger.from_state(dict(context.state[P.LEDGER_STATE]))
     if path is not None and path.exists():
@@ -74,33 +118,41 @@ def _load_ledger(context: Context, cfg: Config) -> PrivacyLedger:
     return PrivacyLedger(delta=cfg.target_delta)
 
 
-def _save_ledger(context: Context, ledger: PrivacyLedger) -> None:
+def _save_ledger(context: Context, cfg: Config, ledger: PrivacyLedger) -> None:
     state = ledger.to_state()
     context.state[P.LEDGER_STATE] = ConfigRecord(state)
-    path = _ledger_path(context)
+    path = _ledger_path(context, cfg)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(state))
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    _, hid = _setup(context)
+    cfg, hid = _setup(context)
+    site = _site(cfg, context, hid)  # a missing or corrupt data folder fails here, at the start of the run
+    if cfg.dp and hid not in held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed):
+        _load_ledger(context, cfg)  # an unreadable ledger file fails here too
+        check_privacy_budget(_with_noise_multiplier(cfg, context, site.num_records), site.num_records)
     return Message(RecordDict({P.METRICS: MetricRecord({P.HOSPITAL_ID: hid})}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, hid = _setup(context)
-    site = load_site(cfg, hid)
+    site = _site(cfg, context, hid)
     theta = _theta(msg, site, cfg)
     server_round = int(msg.content[P.CONFIG][P.SERVER_ROUND])
     ledger = _load_ledger(context, cfg) if cfg.dp else None
-    outcome = train_round(cfg, site, theta, ledger=ledger, server_round=server_round)
+    outcome = train_round(_with_noise_multiplier(cfg, context, site.num_records), site, theta, ledger=ledger,
+                          server_round=server_round)
     if ledger is not None:
-        _save_ledger(context, ledger)
+        _save_ledger(context, cfg, ledger)
     metrics = {
         P.NUM_EXAMPLES: outcome.num_examples,
         P.EPSILON: outcome.epsilon,
@@ -124,7 +176,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, hid = _setup(context)
-    site = load_site(cfg, hid)
+    site = _site(cfg, context, hid)
     scores = adapt_and_score(cfg, site, _theta(msg, site, cfg))
     metrics = {
         P.NUM_EXAMPLES: scores.num_query,

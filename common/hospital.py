@@ -6,7 +6,11 @@
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,8 +22,8 @@ from common.maml import (
 )
 from common.model import SmallCNN, build_model
 from common.privacy import (
-    PrivacyLedger, PrivacySpec, calibrate_noise_multiplier, private_gradient_fn, sample_rate,
-    secure_generator, secure_rng,
+    PrivacyError, PrivacyLedger, PrivacySpec, calibrate_noise_multiplier, epsilon_for, private_gradient_fn,
+    sample_rate, secure_generator, secure_rng,
 )
 
 
@@ -218,3 +222,89 @@ def adapt_and_score(cfg: Config, site: Site, theta: Params) -> AdaptationScores:
         len(s_idx), len(q_idx), before.accuracy, before.auc, before.loss,
         after.accuracy, after.auc, after.loss,
     )
+
+
+# --------------------------------------------------------------------------- deployed hospitals
+
+
+def check_privacy_budget(cfg: Config, num_records: int) -> None:
+    """Raise `PrivacyError` if a training hospital with `num_records` records cannot train even once.
+
+    With calibration (`noise-multiplier` = 0) that is when no noise level meets `target-epsilon`
+    over the planned rounds; with a given noise multiplier, when one round already exceeds it.
+    """
+    if not cfg.dp:
+        return
+    sigma = noise_multiplier_for(cfg, num_records)  # raises PrivacyError if calibration is impossible
+    spec = privacy_spec(cfg, num_records)
+    q = sample_rate(batch_size=cfg.batch_size, num_records=num_records)
+    first = epsilon_for(noise_multiplier=spec.accounted_noise_multiplier, sample_rate=q,
+                        steps=gradient_steps_per_round(cfg), delta=cfg.target_delta)
+    if first > cfg.target_epsilon:
+        raise PrivacyError(
+            f"impossible privacy target: with noise-multiplier={sigma:g} a hospital with {num_records} records "
+            f"spends epsilon={first:.3g} in its first round, more than target-epsilon={cfg.target_epsilon} "
+            f"(delta={cfg.target_delta:g}), so it could never train. Raise noise-multiplier (or set it to 0 to "
+            "calibrate it), raise target-epsilon, or lower batch-size or inner-steps."
+        )
+
+
+def load_site_from_folder(cfg: Config, folder: str | Path, *, hospital_id: int | None = None) -> Site:
+    """A deployed hospital's records from its own folder (see `common.data.load_hospital_folder`).
+
+    `hospital_id`, when given (the node config's `hospital-id`), must be the folder's.
+    """
+    data, manifest = D.load_hospital_folder(folder, flag=cfg.dataset, image_size=cfg.image_size)
+    if hospital_id is not None and manifest.hospital_id != hospital_id:
+        raise D.DataError(
+            f"hospital data folder {folder} belongs to hospital {manifest.hospital_id}, but this node is "
+            f"configured as hospital-id={hospital_id}; fix --node-config so that both agree."
+        )
+    if not 0 <= manifest.hospital_id < cfg.num_hospitals:
+        raise D.DataError(f"hospital data folder {folder} is hospital {manifest.hospital_id}, outside "
+                          f"0..{cfg.num_hospitals - 1} (num-hospitals={cfg.num_hospitals})")
+    x, y = data.to_tensor()
+    return Site(manifest.hospital_id, x, y, data.info)
+
+
+def hospital_folder_name(hospital_id: int) -> str:
+    return f"hospital-{hospital_id}"
+
+
+def prepare_hospital_folders(cfg: Config, out_dir: str | Path) -> list[D.HospitalManifest]:
+    """Split the run's MedMNIST file into one folder per hospital, exactly as the simulation does.
+
+    `out_dir/hospital-<i>/` gets hospital i's records (`load_site` and `load_site_from_folder` give
+    the same tensors). Every training hospital is checked against the privacy target first. All
+    folders are written into a staging folder beside `out_dir` and renamed into place at the
+    end: on any error nothing is left behind. `out_dir` must not exist or be empty.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise D.DataError(f"output folder {out} exists and is not empty; choose a new folder or remove it first")
+    info = D.dataset_info(cfg.dataset, cfg.image_size)
+    ds = D.load_medmnist(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, download=cfg.download)
+    splits = D.official_split_sizes(cfg.dataset, cfg.data_dir, cfg.image_size)
+    parts = _partition(cfg, ds)
+    held_out = set(D.held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed))
+    for h, idx in enumerate(parts):
+        if h not in held_out:
+            check_privacy_budget(cfg, int(idx.size))
+    source = {"file": D.npz_path(info.flag, "", info.image_size).name, "num_hospitals": cfg.num_hospitals,
+              "dirichlet_alpha": cfg.dirichlet_alpha, "size_alpha": cfg.size_alpha, "seed": cfg.seed}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        manifests = [
+            D.write_hospital_folder(staging / hospital_folder_name(h), ds, idx, hospital_id=h, split_sizes=splits,
+                                    source={**source, "held_out": h in held_out})
+            for h, idx in enumerate(parts)
+        ]
+        os.chmod(staging, 0o755)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifests
