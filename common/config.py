@@ -55,11 +55,19 @@ class Config:
     eval_every: int
     seed: int
     results_dir: str
+    max_update_norm: float
+    checkpoint_dir: str
+    resume: bool
 
     @property
     def first_order(self) -> bool:
         """True for every algorithm except second-order MAML."""
         return self.algorithm != "maml"
+
+    @property
+    def checkpoint_folder(self) -> str:
+        """Where the server's checkpoint goes: `checkpoint-dir`, or `<results-dir>/checkpoint` when empty."""
+        return self.checkpoint_dir or f"{self.results_dir.rstrip('/')}/checkpoint"
 
     @property
     def num_training_hospitals(self) -> int:
@@ -135,6 +143,13 @@ def _str(rc: Mapping[str, Any], name: str) -> str:
     return value
 
 
+def _optional_str(rc: Mapping[str, Any], name: str) -> str:
+    value = _get(rc, name)
+    if not isinstance(value, str):
+        raise ConfigError(f"run-config key '{_key(name)}' = {value!r}: must be a string (\"\" for the default)")
+    return value.strip()
+
+
 def load_config(run_config: Mapping[str, Any]) -> Config:
     """Validate a Flower run config (kebab-case keys) into a `Config`.
 
@@ -182,6 +197,9 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
         eval_every=_int(rc, "eval_every", lo=1),
         seed=_int(rc, "seed", lo=0),
         results_dir=_str(rc, "results_dir"),
+        max_update_norm=_float(rc, "max_update_norm", lo=0.0),
+        checkpoint_dir=_optional_str(rc, "checkpoint_dir"),
+        resume=_bool(rc, "resume"),
     )
     if cfg.image_size not in (28, 64, 128, 224):
         raise ConfigError(f"run-config key 'image-size' = {cfg.image_size}: must be one of 28, 64, 128, 224")

@@ -709,7 +709,10 @@ def load_hospital_folder(folder: str | Path, *, flag: str, image_size: int) -> t
     if got != manifest.sha256:
         raise _folder_error(folder, f"{manifest.file} has SHA-256 {got[:16]}..., the manifest says "
                                     f"{manifest.sha256[:16]}... (the file is corrupt or was changed)")
-    data = _parse_npz(path, info)
+    try:
+        data = _parse_npz(path, info)
+    except DataError as exc:  # checksum fine but content invalid: written wrongly, not damaged on the way
+        raise _folder_error(folder, f"{manifest.file} is not a valid file in the official format ({exc})") from exc
     if len(data) != manifest.num_records:
         raise _folder_error(folder, f"{manifest.file} has {len(data)} records, the manifest says {manifest.num_records}")
     return data, manifest

@@ -4,7 +4,9 @@
 2. Each round: send theta to a sample of the training hospitals, validate and average their
    meta-gradients, take the outer optimiser step; every `eval-every` rounds (and at the end) ask
    the held-out hospitals to adapt theta on their K-shot support sets and report scores.
-3. After every round write `<results-dir>/summary.json` atomically; at the end also a PNG.
+3. After every round write a checkpoint (`server.checkpoint`) and `<results-dir>/summary.json`,
+   both atomically; at the end also the model and a PNG. With `resume=true` a restarted run
+   continues after the last checkpointed round.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from common import protocol as P
 from common.config import Config, load_config
 from common.data import dataset_info, held_out_hospitals
 from common.model import build_model, get_params
+from server.checkpoint import (
+    CheckpointError, ServerCheckpoint, check_compatible, checkpoint_path, load_checkpoint, save_checkpoint,
+)
 from server.strategy import MetaGradientStrategy, to_array_record
 from server.summary import plot_curves, write_json_atomic
 
@@ -47,9 +52,14 @@ def discover_hospitals(grid: Grid, cfg: Config, known: dict[int, int], *, wait: 
         return roster
     msgs = [Message(RecordDict({P.CONFIG: ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
             for n in new]
-    for reply in grid.send_and_receive(msgs, timeout=cfg.round_timeout):
-        node = reply.metadata.src_node_id
-        if reply.has_error() or P.METRICS not in reply.content or P.HOSPITAL_ID not in reply.content[P.METRICS]:
+    replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+    for reply in replies:
+        node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        if reply.has_error():
+            log.warning("node %d failed its start checks and is left out: %s", node, reply.error.reason)
+            continue
+        if P.METRICS not in reply.content or P.HOSPITAL_ID not in reply.content[P.METRICS]:
             log.warning("node %d did not say which hospital it is; ignored", node)
             continue
         hid = int(reply.content[P.METRICS][P.HOSPITAL_ID])
@@ -60,6 +70,10 @@ def discover_hospitals(grid: Grid, cfg: Config, known: dict[int, int], *, wait: 
         for n in stale:  # the same hospital on a new node: it restarted, the old node is gone
             del roster[n]
         roster[node] = hid
+    answered = {sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies}
+    for node in sorted(set(new) - answered):
+        log.warning("node %d did not answer which hospital it is within round-timeout=%gs; left out for now",
+                    node, cfg.round_timeout)
     if len(roster) < cfg.num_hospitals:
         log.warning("%d of num-hospitals=%d hospitals connected; continuing with them", len(roster), cfg.num_hospitals)
     return roster
@@ -81,54 +95,115 @@ def _round_line(cfg: Config, rnd: int, entry: dict[str, Any], max_eps: float, se
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = load_config(context.run_config)
+    run_federation(grid, load_config(context.run_config))
+
+
+def _hospital_figures(strategy: MetaGradientStrategy) -> dict[str, dict[str, Any]]:
+    return {
+        str(hid): {"epsilon": rec.epsilon, "delta": rec.delta,
+                   "rounds_participated": rec.rounds_participated, "rounds_declined": rec.declined_rounds}
+        for hid, rec in sorted(strategy.hospitals.items())
+    }
+
+
+def _restore(cfg: Config, strategy: MetaGradientStrategy, folder: Path) -> ServerCheckpoint | None:
+    """The checkpoint to continue from (resume=true), checked against this run; None to start afresh.
+
+    Runs before anything is written, so a refused resumption leaves every file as it was.
+    """
+    path = checkpoint_path(folder)
+    if not cfg.resume:
+        if path.exists():
+            log.warning("a checkpoint exists at %s but resume=false: starting a new run at round 1, which "
+                        "replaces it after the first round (pass resume=true to continue it instead)", path)
+        return None
+    ckpt = load_checkpoint(folder)
+    if ckpt is None:
+        log.warning("resume=true but there is no checkpoint at %s yet: starting at round 1", path)
+        return None
+    check_compatible(ckpt.config, cfg.to_run_config(), path=path)
+    if ckpt.round > cfg.num_server_rounds:
+        raise CheckpointError(f"{path} is after round {ckpt.round}, beyond num-server-rounds={cfg.num_server_rounds}")
+    try:
+        strategy.load_state_dict(ckpt.strategy)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit this run ({exc}); refusing to resume") from exc
+    log.info("resuming from %s: %d of %d rounds were done", path, ckpt.round, cfg.num_server_rounds)
+    return ckpt
+
+
+def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
+    """The whole run on `grid`; returns the final summary (also written to `<results-dir>/summary.json`).
+
+    After every round the server's state is checkpointed atomically to `checkpoint-dir`; with
+    `resume=true` a run continues after the last checkpointed round (see `server.checkpoint`).
+    """
     info = dataset_info(cfg.dataset, cfg.image_size)  # metadata only; the server never reads patient data
     theta = get_params(build_model(in_channels=info.n_channels, num_classes=info.n_classes, seed=cfg.seed))
     results = Path(cfg.results_dir).expanduser()
-    results.mkdir(parents=True, exist_ok=True)
+    ckpt_folder = Path(cfg.checkpoint_folder).expanduser()
 
     held_ids = set(held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed))
     strategy = MetaGradientStrategy(cfg, theta, held_out_ids=held_ids)
+    ckpt = _restore(cfg, strategy, ckpt_folder)  # may refuse: before anything is written
+    results.mkdir(parents=True, exist_ok=True)
     strategy.set_roster(discover_hospitals(grid, cfg, {}, wait=cfg.wait_for_nodes))
     if not strategy.training_nodes:
-        raise RuntimeError("no training hospital is connected; nothing to meta-train")
+        raise RuntimeError("no training hospital is connected (or none passed its start checks, see the warnings "
+                           "above); nothing to meta-train")
     if not strategy.held_out_nodes:
         log.warning("no held-out hospital is connected: adaptation to a new hospital will not be measured")
     strategy.summary()
 
-    summary: dict[str, Any] = {
-        "status": "running",
-        "config": cfg.to_run_config(),
-        "dataset": {"flag": info.flag, "task": info.task, "n_channels": info.n_channels,
-                    "n_classes": info.n_classes, "image_size": info.image_size},
-        "privacy": {"dp": cfg.dp, "unit": "one patient record at one hospital", "accountant": "opacus RDP",
-                    "target_epsilon": cfg.target_epsilon if cfg.dp else None,
-                    "delta": cfg.target_delta if cfg.dp else None},
-        "training_hospitals": strategy.training_hospitals(),
-        "held_out_hospitals": strategy.held_out_hospitals(),
-        "rounds": [], "hospitals": {}, "final": None, "max_epsilon": 0.0,
-    }
-    arrays = to_array_record(theta)
+    if ckpt is not None:
+        summary = ckpt.summary
+        arrays = to_array_record(ckpt.theta)
+        first_round, last_eval, elapsed = ckpt.round + 1, ckpt.last_eval, ckpt.elapsed_seconds
+        summary.setdefault("resumed", []).append({"after_round": ckpt.round, "time": time.time()})
+        summary["config"] = cfg.to_run_config()
+    else:
+        summary = {
+            "status": "running",
+            "config": cfg.to_run_config(),
+            "dataset": {"flag": info.flag, "task": info.task, "n_channels": info.n_channels,
+                        "n_classes": info.n_classes, "image_size": info.image_size},
+            "privacy": {"dp": cfg.dp, "unit": "one patient record at one hospital", "accountant": "opacus RDP",
+                        "target_epsilon": cfg.target_epsilon if cfg.dp else None,
+                        "delta": cfg.target_delta if cfg.dp else None},
+            "training_hospitals": strategy.training_hospitals(),
+            "held_out_hospitals": strategy.held_out_hospitals(),
+            "rounds": [], "hospitals": {}, "final": None, "max_epsilon": 0.0,
+        }
+        arrays = to_array_record(theta)
+        first_round, last_eval, elapsed = 1, None, 0.0
+    summary["status"] = "running"
     t_start = time.monotonic()
-    last_eval = None
-    for rnd in range(1, cfg.num_server_rounds + 1):
+    for rnd in range(first_round, cfg.num_server_rounds + 1):
         t0 = time.monotonic()
-        if rnd > 1:  # pick up hospitals that (re)joined, forget nodes that left
+        if rnd > first_round:  # pick up hospitals that (re)joined, forget nodes that left
             strategy.set_roster(discover_hospitals(grid, cfg, strategy.hospital_of, wait=0.0))
-        replies = grid.send_and_receive(
-            strategy.configure_train(rnd, arrays, ConfigRecord({}), grid), timeout=cfg.round_timeout)
+        replies = list(grid.send_and_receive(
+            strategy.configure_train(rnd, arrays, ConfigRecord({}), grid), timeout=cfg.round_timeout))
+        silent = strategy.unanswered(replies)
+        for who in silent:
+            log.warning("round %d: no reply from %s within round-timeout=%gs; carrying on without it",
+                        rnd, who, cfg.round_timeout)
         new_arrays, _ = strategy.aggregate_train(rnd, replies)
         if new_arrays is not None:
             arrays = new_arrays
         rep = strategy.last_report
         entry: dict[str, Any] = {"round": rnd, "meta_loss": rep.meta_loss if rep.updated else None,
                                  "replies": rep.accepted, "declined": len(rep.declined),
-                                 "dropped": len(rep.dropped), "updated": rep.updated}
-        if rep.dropped:
-            entry["dropped_reasons"] = rep.dropped
+                                 "dropped": len(rep.dropped) + len(silent), "updated": rep.updated}
+        if rep.dropped or silent:
+            entry["dropped_reasons"] = rep.dropped + [f"{who}: no reply within round-timeout" for who in silent]
         if strategy.held_out_nodes and (rnd % cfg.eval_every == 0 or rnd == cfg.num_server_rounds):
-            ev = strategy.aggregate_evaluate(rnd, grid.send_and_receive(
+            ev_replies = list(grid.send_and_receive(
                 strategy.configure_evaluate(rnd, arrays, ConfigRecord({}), grid), timeout=cfg.round_timeout))
+            for who in strategy.unanswered(ev_replies):
+                log.warning("round %d: no evaluation reply from %s within round-timeout=%gs", rnd, who,
+                            cfg.round_timeout)
+            ev = strategy.aggregate_evaluate(rnd, ev_replies)
             if ev is not None:
                 last_eval = dict(ev)
                 entry.update({"accuracy": last_eval[P.ACCURACY], "auc": last_eval[P.AUC],
@@ -138,13 +213,15 @@ def main(grid: Grid, context: Context) -> None:
                               "evaluated_hospitals": int(last_eval["hospitals"])})
         entry["seconds"] = time.monotonic() - t0
         summary["rounds"].append(entry)
-        summary["hospitals"] = {
-            str(hid): {"epsilon": rec.epsilon, "delta": rec.delta,
-                       "rounds_participated": rec.rounds_participated, "rounds_declined": rec.declined_rounds}
-            for hid, rec in sorted(strategy.hospitals.items())
-        }
+        summary["hospitals"] = _hospital_figures(strategy)
         max_eps = max((r.epsilon for r in strategy.hospitals.values()), default=0.0)
         summary["max_epsilon"] = max_eps
+        # The checkpoint first: a crash between the two writes leaves a summary one round behind,
+        # which resuming rewrites from the checkpoint.
+        save_checkpoint(ckpt_folder, ServerCheckpoint(
+            round=rnd, config=cfg.to_run_config(), theta=arrays.to_torch_state_dict(),
+            strategy=strategy.state_dict(), summary=summary, last_eval=last_eval,
+            elapsed_seconds=elapsed + time.monotonic() - t_start))
         write_json_atomic(results / "summary.json", summary)
         log.info(_round_line(cfg, rnd, entry, max_eps, entry["seconds"]))
 
@@ -154,12 +231,13 @@ def main(grid: Grid, context: Context) -> None:
                             "auc_before_adaptation": last_eval[P.AUC_BEFORE],
                             "hospitals": int(last_eval["hospitals"]),
                             "shots_per_class": cfg.shots, "adapt_steps": cfg.adapt_steps}
-    summary["wall_seconds"] = time.monotonic() - t_start
+    summary["wall_seconds"] = elapsed + time.monotonic() - t_start
     summary["status"] = "completed"
     save_model(results / "model.pt", arrays)
     plot_curves(summary, results / "curves.png")
     write_json_atomic(results / "summary.json", summary)
     log.info("finished %d rounds in %.1fs; results in %s", cfg.num_server_rounds, summary["wall_seconds"], results)
+    return summary
 
 
 def save_model(path: Path, arrays: ArrayRecord) -> None:

@@ -10,9 +10,11 @@ import logging
 import math
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -62,6 +64,7 @@ class MetaGradientStrategy(Strategy):
         self.hospitals: dict[int, HospitalRecord] = {}
         self.last_report = RoundReport()
         self._rng = random.Random(cfg.seed)
+        self._outbox: list[Message] = []  # the last messages sent, to attribute replies (and their absence)
 
     def set_roster(self, hospital_of: dict[int, int]) -> None:
         """Which node is which hospital; held-out hospitals never receive a training message."""
@@ -87,16 +90,31 @@ class MetaGradientStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         config = ConfigRecord({**dict(config), P.SERVER_ROUND: server_round})
-        return [
+        self._outbox = [
             Message(RecordDict({P.ARRAYS: arrays, P.CONFIG: config}), dst_node_id=node,
                     message_type=MessageType.TRAIN)
             for node in self.sample_training_nodes()
         ]
+        return list(self._outbox)
+
+    def _node_of(self, reply: Message) -> int:
+        """The node a reply is about: the SuperLink itself answers for a node that went offline."""
+        ref = reply.metadata.reply_to_message_id
+        for sent in self._outbox:
+            if ref and sent.metadata.message_id == ref:
+                return sent.metadata.dst_node_id
+        return reply.metadata.src_node_id
 
     def _who(self, msg: Message) -> str:
-        node = msg.metadata.src_node_id
+        node = self._node_of(msg)
         hid = self.hospital_of.get(node)
         return f"hospital {hid} (node {node})" if hid is not None else f"node {node}"
+
+    def unanswered(self, replies: Iterable[Message]) -> list[str]:
+        """The hospitals sent the last messages that did not answer at all (before the timeout)."""
+        answered = {self._node_of(r) for r in replies}
+        missing = [m.metadata.dst_node_id for m in self._outbox if m.metadata.dst_node_id not in answered]
+        return [f"hospital {self.hospital_of.get(n)} (node {n})" for n in missing]
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -110,7 +128,7 @@ class MetaGradientStrategy(Strategy):
                 report.dropped.append(f"{who}: {exc}")
                 log.warning("round %d: dropped reply from %s: %s", server_round, who, exc)
                 continue
-            rec = self.hospitals.setdefault(self.hospital_of.get(msg.metadata.src_node_id, -1), HospitalRecord())
+            rec = self.hospitals.setdefault(self.hospital_of.get(self._node_of(msg), -1), HospitalRecord())
             rec.epsilon, rec.delta = float(metrics[P.EPSILON]), float(metrics[P.DELTA])
             rec.rounds_participated = int(metrics.get(P.ROUNDS, rec.rounds_participated))
             if arrays is None:
@@ -170,18 +188,42 @@ class MetaGradientStrategy(Strategy):
             arrays = {k: record[k].numpy() for k in record}
         except Exception as exc:  # a malformed array payload must not crash the server
             raise InvalidUpdate(f"unreadable arrays ({exc})") from exc
-        validate_update(arrays, self.expected)
+        validate_update(arrays, self.expected, max_norm=self.cfg.max_update_norm)
         return metrics, arrays
+
+    # -- checkpointing ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next rounds depend on: theta, outer optimiser, sampler, privacy figures."""
+        version, internal, gauss = self._rng.getstate()
+        return {
+            "theta": {k: v.detach().clone() for k, v in self.optimizer.theta.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": {"version": version, "internal": list(internal), "gauss": gauss},
+            "hospitals": {int(h): asdict(rec) for h, rec in self.hospitals.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        theta = state["theta"]
+        if {k: tuple(v.shape) for k, v in theta.items()} != self.expected:
+            raise ValueError("the checkpoint's model does not match this run's model (dataset or code changed?)")
+        with torch.no_grad():
+            for k, p in self.optimizer.theta.items():
+                p.copy_(theta[k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        s = state["sampler"]
+        self._rng.setstate((s["version"], tuple(s["internal"]), s["gauss"]))
+        self.hospitals = {int(h): HospitalRecord(**rec) for h, rec in state["hospitals"].items()}
 
     # -- evaluation on held-out hospitals ---------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         config = ConfigRecord({**dict(config), P.SERVER_ROUND: server_round})
-        return [
+        self._outbox = [
             Message(RecordDict({P.ARRAYS: arrays, P.CONFIG: config}), dst_node_id=node,
                     message_type=MessageType.EVALUATE)
             for node in self.held_out_nodes
         ]
+        return list(self._outbox)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rows = []

@@ -1,4 +1,4 @@
-"""The deployment tools without Flower processes: TLS material, hospital data folders."""
+"""The deployment tools without Flower processes: TLS material, hospital data folders, checkpoints."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from common.config import load_config
 from common.data import HOSPITAL_MANIFEST, load_hospital_folder
 from common.hospital import load_site, load_site_from_folder, prepare_hospital_folders
 from conftest import base_run_config
+from server.checkpoint import ServerCheckpoint, check_compatible, load_checkpoint, save_checkpoint
 from server.tls import TLSError, create_federation_material, main as tls_main
 
 
@@ -81,3 +82,16 @@ def test_hospital_folders_hold_exactly_the_simulated_hospitals(medmnist_dir, tmp
     data, manifest = load_hospital_folder(tmp_path / "hospitals" / "hospital-0", flag="breastmnist", image_size=28)
     assert manifest.source["num_hospitals"] == 4 and len(data) == manifest.num_records
     assert json.loads((tmp_path / "hospitals" / "hospital-0" / HOSPITAL_MANIFEST).read_text())["sha256"] == manifest.sha256
+
+
+def test_checkpoint_round_trip_and_compatibility(tmp_path) -> None:
+    ckpt = ServerCheckpoint(round=2, config={"seed": 0, "resume": False}, theta={"w": torch.arange(4.0)},
+                            strategy={"sampler": {"internal": [1, 2]}}, summary={"rounds": [{"round": 1}]},
+                            last_eval=None, elapsed_seconds=3.5)
+    path = save_checkpoint(tmp_path / "ck", ckpt)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint.pt"]
+    back = load_checkpoint(tmp_path / "ck")
+    assert back is not None and back.round == 2 and torch.equal(back.theta["w"], torch.arange(4.0))
+    assert back.summary == ckpt.summary and back.strategy == ckpt.strategy
+    assert load_checkpoint(tmp_path / "nothing-here") is None
+    check_compatible({"seed": 0, "resume": False}, {"seed": 0, "resume": True}, path=path)
