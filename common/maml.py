@@ -53,9 +53,12 @@ def mean_gradient(
 
 # Per-sample-gradient engines; `per_sample_gradients` is the one place that chooses between them.
 # All three give the same per-record gradients (to float rounding, tested); they differ only in speed.
-# The default was chosen by measurement (`python -m simulations.benchmark`, engine table).
+# The default was chosen by measurement (`python -m simulations.benchmark`: per call and per DP
+# round, interleaved): on this 56k-parameter CNN at batch ~16 on 2 shared cores no engine was
+# consistently faster (each within about +-10% of vmap, and the order changed between runs), so
+# the original vmap engine stays the default; see docs/results/README.md.
 PER_SAMPLE_ENGINES = ("vmap", "ew", "hooks")
-DEFAULT_PER_SAMPLE_ENGINE = "ew"
+DEFAULT_PER_SAMPLE_ENGINE = "vmap"
 
 
 def per_sample_gradients(

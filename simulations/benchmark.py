@@ -1,0 +1,384 @@
+"""Benchmarks: DP overhead, federation overhead against the compute floor, and scale (not unit tests).
+
+    python -m simulations.benchmark [--quick] [--out docs/results/benchmark]
+
+Prints the ratios and writes ``benchmark.json`` (keys ``dp_overhead``, ``federation_overhead_10``,
+``federation_overhead_100``, ``peak_memory_gib_1000``, ``machine`` and the details of each
+measurement) into ``--out``.
+
+How each figure is measured (everything in one run, on this machine, one torch thread per process):
+
+- **Per-sample-gradient engines**: `common.maml.per_sample_gradients` with each engine on the same
+  Poisson-sized batches of real records, interleaved with the order rotated every repetition;
+  medians of per-repetition ratios to ``vmap``; max abs difference of the per-record gradients.
+- **dp_overhead**: wall time of one DP meta-training round (every sampled hospital's
+  `common.hospital.train_round` with Poisson batches, clipping, noise and its ledger, then the
+  aggregation and outer step) over the same round without DP: same config, model, hospitals and
+  expected batch size; rounds interleaved; median of the per-repetition ratios. Noise calibration
+  is a one-off per hospital and run; it is reported separately (``dp_calibration_seconds``).
+- **federation_overhead_N**: a real Flower simulation (`simulations.run`: managed SuperLink,
+  simulation engine, Ray) of N registered hospitals with a fixed number sampled per round, per-round
+  wall time from its ``summary.json`` (``rounds[i].seconds``, round 1 (Ray start-up) and the last
+  round (held-out evaluation) skipped), over the same rounds of `simulations.local_loop.meta_train`
+  on the same config in this process (the compute floor: identical calls, no transport), run once
+  before and once after the Flower run (the machine is shared; its load drifts); medians. Flower
+  gets as many CPUs as the floor (``--num-cpus``, default 1), so the ratio is the cost of the
+  federation, not of parallelism.
+- **scale**: the same Flower run at 10, 100 and 1,000 registered hospitals: wall per round and
+  peak memory of the whole process tree (sum of PSS from ``/proc/<pid>/smaps_rollup`` over the
+  launcher and all its descendants, sampled every 0.25 s; the launcher is a subreaper, so Ray
+  workers stay in its tree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics as st
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PREFIX = "[benchmark]"
+TARGETS = {"dp_overhead": 1.5, "federation_overhead_10": 1.3, "peak_memory_gib_1000": 4.0}
+
+# The federation/scale runs: PneumoniaMNIST can be split 1,000 ways (at least max(2, 2*shots+2) = 4
+# records per hospital) with near-uniform hospitals; the same settings for every N so that only N
+# changes. Non-DP: DP changes the compute, not the transport (dp_overhead measures it).
+SCALE_RUN_CONFIG = {
+    "dataset": "pneumoniamnist", "shots": 1, "dirichlet-alpha": 1000.0, "size-alpha": 1000.0,
+    "num-held-out": 2, "clients-per-round": 8, "min-replies": 2, "dp": False, "algorithm": "fomaml",
+    "adapt-steps": 5,
+}
+
+
+def _base_rc(data_dir: str) -> dict[str, Any]:
+    with open(REPO_ROOT / "pyproject.toml", "rb") as fh:
+        rc = dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+    rc["data-dir"] = data_dir
+    return rc
+
+
+def machine() -> dict[str, Any]:
+    import flwr
+    import opacus
+    import torch
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kib = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_kib = int(line.split()[1])
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem_kib / 2**20, 1),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "flwr": flwr.__version__, "opacus": opacus.__version__, "torch_threads": torch.get_num_threads(),
+            "loadavg_start": os.getloadavg()}
+
+
+def _rotated(names: Sequence[str], rep: int) -> list[str]:
+    k = rep % len(names)
+    return list(names[k:]) + list(names[:k])
+
+
+def _ratio_stats(times: Mapping[str, list[float]], base: str) -> dict[str, Any]:
+    out = {}
+    for k, ts in times.items():
+        r = [a / b for a, b in zip(ts, times[base])]
+        out[k] = {"median_seconds": st.median(ts), "ratio_median": st.median(r), "ratio_min": min(r),
+                  "ratio_max": max(r), "reps": len(ts)}
+    return out
+
+
+# --------------------------------------------------------------------------- engines
+
+
+def bench_engines(data_dir: str, *, reps: int, batch_size: int = 16) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from common import data as D
+    from common.maml import PER_SAMPLE_ENGINES, mean_gradient, per_sample_gradients
+    from common.model import build_model, get_params
+
+    ds = D.load_medmnist("breastmnist", data_dir)
+    x_all, y_all = ds.to_tensor(np.arange(min(len(ds), 256)))
+    model = build_model(in_channels=1, num_classes=2, seed=0)
+    params = get_params(model)
+    rng = np.random.default_rng(0)
+
+    ref, _ = per_sample_gradients(model, params, x_all[:batch_size], y_all[:batch_size], engine="vmap")
+    diffs = {}
+    for e in PER_SAMPLE_ENGINES:
+        g, _ = per_sample_gradients(model, params, x_all[:batch_size], y_all[:batch_size], engine=e)
+        diffs[e] = max(float((g[k] - ref[k]).abs().max()) for k in ref)
+
+    def nodp(x, y):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        return mean_gradient(model, leaves, x, y)
+
+    fns = {e: (lambda x, y, e=e: per_sample_gradients(model, params, x, y, engine=e)) for e in PER_SAMPLE_ENGINES}
+    fns["no-dp mean gradient"] = nodp
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for rep in range(reps + 2):
+        idx = D.poisson_sample(len(x_all), batch_size / len(x_all), rng)
+        x, y = x_all[idx], y_all[idx]
+        for k in _rotated(list(fns), rep):
+            t0 = time.perf_counter()
+            for _ in range(3):
+                fns[k](x, y)
+            if rep >= 2:  # warm-up
+                times[k].append(time.perf_counter() - t0)
+    stats = _ratio_stats(times, "vmap")
+    for e in PER_SAMPLE_ENGINES:
+        stats[e]["max_abs_diff_vs_vmap"] = diffs[e]
+    return {"batch_size_expected": batch_size, "calls_per_rep": 3, "engines": stats}
+
+
+# --------------------------------------------------------------------------- DP overhead
+
+
+def bench_dp_round(data_dir: str, *, reps: int) -> dict[str, Any]:
+    """One DP meta-training round vs the same round without DP, per engine, interleaved."""
+    import numpy as np
+
+    import common.maml as M
+    from common.aggregate import OuterOptimizer, weighted_mean
+    from common.config import load_config
+    from common.hospital import new_model, noise_multiplier_for, train_round
+    from common.model import get_params
+    from common.privacy import PrivacyLedger
+    from simulations.local_loop import sites_for
+
+    rc = _base_rc(data_dir)  # the README defaults: breastmnist, fomaml, 8 of 8 hospitals, batch 16, eps 8
+    cfg_dp = load_config({**rc, "dp": True})
+    cfg_plain = load_config({**rc, "dp": False})
+    training, _ = sites_for(cfg_dp)
+    t0 = time.perf_counter()
+    for s in training:
+        noise_multiplier_for(cfg_dp, s.num_records)
+    calibration = time.perf_counter() - t0
+    theta = get_params(new_model(cfg_dp, training[0].info))
+    chosen = training[: cfg_dp.clients_per_round]
+
+    def one_round(cfg, engine: str | None) -> float:
+        default = M.DEFAULT_PER_SAMPLE_ENGINE
+        if engine:
+            M.DEFAULT_PER_SAMPLE_ENGINE = engine
+        try:
+            opt = OuterOptimizer(theta, algorithm=cfg.algorithm, kind=cfg.meta_optimizer, lr=cfg.meta_lr)
+            start = time.perf_counter()
+            ups, ws = [], []
+            for s in chosen:
+                out = train_round(cfg, s, opt.params(), server_round=1,
+                                  ledger=PrivacyLedger(delta=cfg.target_delta) if cfg.dp else None)
+                ups.append({k: v.numpy().astype(np.float32) for k, v in out.update.gradient.items()})
+                ws.append(float(out.num_examples))
+            opt.step(weighted_mean(ups, ws))
+            return time.perf_counter() - start
+        finally:
+            M.DEFAULT_PER_SAMPLE_ENGINE = default
+
+    variants = {"no-dp": (cfg_plain, None)}
+    variants.update({f"dp-{e}": (cfg_dp, e) for e in M.PER_SAMPLE_ENGINES})
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for rep in range(reps + 1):
+        for k in _rotated(list(variants), rep):
+            t = one_round(*variants[k])
+            if rep >= 1:
+                times[k].append(t)
+    stats = _ratio_stats(times, "no-dp")
+    default = f"dp-{M.DEFAULT_PER_SAMPLE_ENGINE}"
+    fastest = min((k for k in stats if k.startswith("dp-")), key=lambda k: stats[k]["ratio_median"])
+    return {"dp_overhead": stats[default]["ratio_median"], "default_engine": M.DEFAULT_PER_SAMPLE_ENGINE,
+            "dp_overhead_by_engine": {k[3:]: v["ratio_median"] for k, v in stats.items() if k.startswith("dp-")},
+            "fastest_engine_measured": fastest[3:], "rounds": stats,
+            "dp_calibration_seconds": round(calibration, 2), "hospitals_per_round": len(chosen),
+            "config": {"dataset": cfg_dp.dataset, "algorithm": cfg_dp.algorithm, "inner_steps": cfg_dp.inner_steps,
+                       "batch_size": cfg_dp.batch_size, "target_epsilon": cfg_dp.target_epsilon}}
+
+
+# --------------------------------------------------------------------------- Flower runs
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def tree_pss_bytes(root: int) -> int:
+    """Sum of PSS over `root` and all its descendants (0 for processes that vanished meanwhile)."""
+    kids = _children()
+    todo, seen, total = [root], set(), 0
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        todo.extend(kids.get(pid, []))
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            pass
+    return total
+
+
+def flower_run(rc: Mapping[str, Any], *, num_cpus: int, timeout: float, workdir: Path) -> dict[str, Any]:
+    """`python -m simulations.run` with these overrides; per-round seconds and the tree's peak PSS."""
+    results = workdir / f"flower-{rc['num-hospitals']}"
+    over = {**rc, "results-dir": str(results)}
+    toml = workdir / f"overrides-{rc['num-hospitals']}.toml"
+    toml.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in over.items()))
+    cmd = [sys.executable, "-m", "simulations.run", "--run-config", str(toml), "--num-cpus", str(num_cpus),
+           "--timeout", str(timeout)]
+    log = workdir / f"flower-{rc['num-hospitals']}.log"
+    t0 = time.perf_counter()
+    peak = 0
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+        while proc.poll() is None:
+            peak = max(peak, tree_pss_bytes(proc.pid))
+            time.sleep(0.25)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        raise RuntimeError(f"Flower run with {rc['num-hospitals']} hospitals failed ({proc.returncode}):\n" + "\n".join(tail))
+    summary = json.loads((results / "summary.json").read_text())
+    return {"round_seconds": [r["seconds"] for r in summary["rounds"]], "peak_pss_gib": peak / 2**30,
+            "wall_seconds": wall, "command": " ".join(shlex.quote(c) for c in cmd), "overrides": over}
+
+
+def local_rounds(rc: Mapping[str, Any]) -> list[float]:
+    from common.config import load_config
+    from simulations.local_loop import meta_train, sites_for
+
+    cfg = load_config(rc)
+    training, _ = sites_for(cfg)
+    return meta_train(cfg, training).seconds_per_round
+
+
+def bench_federation(data_dir: str, *, sizes: Sequence[int], rounds: int, num_cpus: int, timeout: float,
+                     floor_sizes: Sequence[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="fedmeta-bench-") as tmp:
+        for n in sizes:
+            rc = {**_base_rc(data_dir), **SCALE_RUN_CONFIG, "num-hospitals": n, "num-server-rounds": rounds,
+                  "eval-every": rounds}
+            entry: dict[str, Any] = {"num_cpus": num_cpus, "clients_per_round": rc["clients-per-round"],
+                                     "loadavg_before": os.getloadavg()}
+            floor: list[float] = []
+            if n in floor_sizes:  # floor before and after the Flower run: the machine's load drifts
+                print(f"{PREFIX} compute floor (local_loop), {n} hospitals ...", flush=True)
+                floor += local_rounds({**rc, "results-dir": str(Path(tmp) / "local")})[1:-1]
+            print(f"{PREFIX} Flower simulation, {n} hospitals, {rounds} rounds ...", flush=True)
+            fl = flower_run(rc, num_cpus=num_cpus, timeout=timeout, workdir=Path(tmp))
+            steady = fl["round_seconds"][1:-1]  # skip round 1 (Ray start-up) and the last (evaluation)
+            entry.update({
+                "flower_round_seconds": fl["round_seconds"], "flower_steady_median": st.median(steady),
+                "peak_memory_gib": round(fl["peak_pss_gib"], 3), "flower_wall_seconds": round(fl["wall_seconds"], 1),
+                "command": fl["command"],
+            })
+            if n in floor_sizes:
+                print(f"{PREFIX} compute floor (local_loop) again, {n} hospitals ...", flush=True)
+                floor += local_rounds({**rc, "results-dir": str(Path(tmp) / "local")})[1:-1]
+                entry["floor_round_seconds"] = floor
+                entry["floor_steady_median"] = st.median(floor)
+                entry["overhead"] = entry["flower_steady_median"] / entry["floor_steady_median"]
+            entry["loadavg_after"] = os.getloadavg()
+            out[str(n)] = entry
+            print(f"{PREFIX}   {n}: {json.dumps({k: v for k, v in entry.items() if 'median' in k or k in ('overhead', 'peak_memory_gib')})}",
+                  flush=True)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m simulations.benchmark", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and rounds")
+    ap.add_argument("--out", default=str(REPO_ROOT / "docs" / "results" / "benchmark"))
+    ap.add_argument("--data-dir", default=str(REPO_ROOT.parent / "shared" / "data" / "medmnist"))
+    ap.add_argument("--num-cpus", type=int, default=1, help="CPUs for the Flower simulation (floor: 1 process)")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="per Flower run, seconds")
+    ap.add_argument("--skip-flower", action="store_true", help="only the in-process measurements")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    data_dir = str(Path(args.data_dir).expanduser().resolve())
+    reps = 5 if args.quick else 15
+    result: dict[str, Any] = {"machine": machine(), "quick": args.quick,
+                              "command": "python -m simulations.benchmark " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))}
+    t0 = time.perf_counter()
+    print(f"{PREFIX} per-sample gradient engines ...", flush=True)
+    result["engines"] = bench_engines(data_dir, reps=reps * 2)
+    for k, v in result["engines"]["engines"].items():
+        print(f"{PREFIX}   {k:22s} {1e3 * v['median_seconds'] / 3:7.1f} ms/call  x{v['ratio_median']:.2f} of vmap "
+              f"({v['ratio_min']:.2f}-{v['ratio_max']:.2f})" +
+              (f"  max|diff| {v['max_abs_diff_vs_vmap']:.1e}" if 'max_abs_diff_vs_vmap' in v else ""), flush=True)
+    print(f"{PREFIX} DP round vs non-DP round ...", flush=True)
+    dp = bench_dp_round(data_dir, reps=reps)
+    result["dp"] = dp
+    result["dp_overhead"] = dp["dp_overhead"]
+    for k, v in dp["rounds"].items():
+        print(f"{PREFIX}   {k:8s} {v['median_seconds']:.3f} s/round  x{v['ratio_median']:.2f} ({v['ratio_min']:.2f}-{v['ratio_max']:.2f})",
+              flush=True)
+    if not args.skip_flower:
+        rounds = 5 if args.quick else 10
+        fed = bench_federation(data_dir, sizes=(10, 100, 1000), rounds=rounds, num_cpus=args.num_cpus,
+                               timeout=args.timeout, floor_sizes=(10, 100))
+        result["federation"] = fed
+        result["federation_overhead_10"] = fed["10"]["overhead"]
+        result["federation_overhead_100"] = fed["100"]["overhead"]
+        result["peak_memory_gib_1000"] = fed["1000"]["peak_memory_gib"]
+        result["scale"] = {n: {"round_seconds_median": fed[n]["flower_steady_median"],
+                               "peak_memory_gib": fed[n]["peak_memory_gib"]} for n in fed}
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    result["targets"] = TARGETS
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{PREFIX} ---")
+    for key, target in TARGETS.items():
+        if key in result:
+            print(f"{PREFIX} {key:24s} {result[key]:.3f}  (target <= {target})")
+    if "federation_overhead_100" in result:
+        print(f"{PREFIX} {'federation_overhead_100':24s} {result['federation_overhead_100']:.3f}")
+    print(f"{PREFIX} wrote {out / 'benchmark.json'} in {result['seconds']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
