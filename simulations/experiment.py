@@ -327,13 +327,20 @@ def summarise(draws, exp: Experiment):
     return pd.merge(out, n, on=keys)
 
 
-def paired(draws, reference: str, *, same_epsilon: bool):
-    """Paired AUC/accuracy differences of every method against `reference` on the same draws."""
+def paired(draws, reference: str, *, same_epsilon: bool, reference_steps: int | None = None):
+    """Paired AUC/accuracy differences of every method against `reference` on the same draws.
+
+    With `reference_steps`, every step count of the method is compared with the reference after
+    that fixed number of adaptation steps (e.g. an initialisation used as is vs local-only training).
+    """
     import numpy as np
     import pandas as pd
 
-    on = ["dataset", "dirichlet_alpha", "seed", "hospital", "draw", "shots", "steps"]
+    on = ["dataset", "dirichlet_alpha", "seed", "hospital", "draw", "shots"]
+    on += [] if reference_steps is not None else ["steps"]
     ref = draws[draws.method == reference]
+    if reference_steps is not None:
+        ref = ref[ref.steps == reference_steps]
     if ref.empty:
         return pd.DataFrame()
     cols = on + (["epsilon"] if same_epsilon else [])
@@ -347,6 +354,7 @@ def paired(draws, reference: str, *, same_epsilon: bool):
         d = grp.d_auc.dropna().to_numpy()
         se = d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else float("nan")
         rows.append({**dict(zip(keys, key)), "reference": reference,
+                     "reference_steps": "same" if reference_steps is None else reference_steps,
                      "d_auc_mean": float(d.mean()) if d.size else float("nan"),
                      "d_auc_seed_std": float(seed_means.std(ddof=1)) if len(seed_means) > 1 else float("nan"),
                      "d_auc_pair_std": float(d.std(ddof=1)) if d.size > 1 else float("nan"),
@@ -369,7 +377,8 @@ def _fmt_d(row) -> str:
             f" {100 * row.d_auc_share_positive:.0f}%")
 
 
-def render_markdown(exp: Experiment, summary, pair_local, pair_fedavg, runs, command: str) -> str:
+def render_markdown(exp: Experiment, summary, pair_local, pair_fedavg, runs, command: str,
+                    pair_local_fixed=None) -> str:
     import pandas as pd
 
     h = exp.headline
@@ -399,6 +408,7 @@ def render_markdown(exp: Experiment, summary, pair_local, pair_fedavg, runs, com
                   f"dirichlet-alpha={h['dirichlet-alpha']:g})", "",
                   "| method | ε | AUC | accuracy | ΔAUC vs local-only | ΔAUC vs FedAvg (same ε) | ε spent (max) | train s |",
                   "|---|---|---|---|---|---|---|---|"]
+        no_adapt = []
         for m in methods:
             for e in sorted(sel[sel.method == m].epsilon.unique(), key=_eps_order):
                 r = lookup(sel, method=m, epsilon=e)
@@ -412,7 +422,19 @@ def render_markdown(exp: Experiment, summary, pair_local, pair_fedavg, runs, com
                 lines.append(f"| {m} | {'∞ (no DP)' if e == 'inf' else e} | {r.auc_mean:.3f} ± {r.auc_std:.3f} | "
                              f"{r.acc_mean:.3f} ± {r.acc_std:.3f} | {_fmt_d(pl)} | {_fmt_d(pf)} | {spent} | "
                              f"{rr.train_seconds.mean():.0f} |")
+                r0 = lookup(summary, dataset=ds, method=m, epsilon=e, shots=h["shots"], steps=0,
+                            dirichlet_alpha=h["dirichlet-alpha"])
+                p0 = lookup(pair_local_fixed, dataset=ds, method=m, epsilon=e, shots=h["shots"], steps=0,
+                            dirichlet_alpha=h["dirichlet-alpha"])
+                if r0 is not None and m not in ("local", "local-adam"):
+                    no_adapt.append(f"| {m} | {'∞ (no DP)' if e == 'inf' else e} | {r0.auc_mean:.3f} ± {r0.auc_std:.3f} | "
+                                    f"{r0.acc_mean:.3f} ± {r0.acc_std:.3f} | {_fmt_d(p0)} |")
         lines.append("")
+        if no_adapt:
+            lines += [f"### {ds}: the initialisation used as is (0 adaptation steps), against local-only after "
+                      f"{h['adapt-steps']} steps", "",
+                      "| method | ε | AUC | accuracy | ΔAUC vs local-only (after adaptation) |", "|---|---|---|---|---|",
+                      *no_adapt, ""]
         # pivot: method x epsilon (AUC)
         eps_all = sorted(sel.epsilon.unique(), key=_eps_order)
         lines += [f"### {ds}: AUC, method × ε", "", "| method | " + " | ".join(f"ε={e}" for e in eps_all) + " |",
@@ -519,6 +541,7 @@ def write_outputs(exp: Experiment, draw_rows, run_rows, out: Path, command: str,
     runs = pd.DataFrame(run_rows)
     summary = summarise(draws, exp)
     pair_local = paired(draws, "local", same_epsilon=False)
+    pair_local_fixed = paired(draws, "local", same_epsilon=False, reference_steps=exp.headline["adapt-steps"])
     fed = [m.name for m in exp.methods if m.algorithm == "fedavg"]
     pair_fedavg = paired(draws, fed[0], same_epsilon=True) if fed else pd.DataFrame()
     files = {"config": out / "config.toml", "command": out / "command.txt", "draws": out / "draws.csv",
@@ -526,11 +549,11 @@ def write_outputs(exp: Experiment, draw_rows, run_rows, out: Path, command: str,
              "markdown": out / "results.md"}
     files["config"].write_text(config_text)
     files["command"].write_text(command + "\n")
-    draws.to_csv(files["draws"], index=False, float_format="%.6g")
+    draws.to_csv(files["draws"], index=False, float_format="%.10g")
     runs.to_csv(files["runs"], index=False)
     summary.to_csv(files["summary"], index=False, float_format="%.6g")
-    pd.concat([pair_local, pair_fedavg]).to_csv(files["paired"], index=False, float_format="%.6g")
-    files["markdown"].write_text(render_markdown(exp, summary, pair_local, pair_fedavg, runs, command))
+    pd.concat([pair_local, pair_fedavg, pair_local_fixed]).to_csv(files["paired"], index=False, float_format="%.6g")
+    files["markdown"].write_text(render_markdown(exp, summary, pair_local, pair_fedavg, runs, command, pair_local_fixed))
     for i, p in enumerate(plot(exp, summary, out)):
         files[f"plot{i}"] = p
     return files
@@ -553,6 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--run-config", action="append", help="overrides of the run config, 'key=value ...'")
     ap.add_argument("--cache", help="cache of trained initialisations (default results/experiment-cache)")
     ap.add_argument("--no-cache", action="store_true", help="train everything from scratch, keep nothing")
+    ap.add_argument("--tables-only", action="store_true",
+                    help="rewrite tables and plots from draws.csv/runs.csv already in --out (no training)")
     args = ap.parse_args(argv)
     cfg_path = Path(args.config)
     config_text = cfg_path.read_text()
@@ -569,7 +594,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache = None if args.no_cache else Path(args.cache) if args.cache else REPO_ROOT / "results" / "experiment-cache"
     command = "python -m simulations.experiment " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     t0 = time.perf_counter()
-    draw_rows, run_rows = run_experiment(exp, rc, cache=cache)
+    if args.tables_only:
+        import pandas as pd
+
+        draw_rows = pd.read_csv(out / "draws.csv", dtype={"epsilon": str}).to_dict("records")
+        run_rows = pd.read_csv(out / "runs.csv", dtype={"epsilon": str}).to_dict("records")
+        command = (out / "command.txt").read_text().strip()
+        config_text = (out / "config.toml").read_text()
+    else:
+        draw_rows, run_rows = run_experiment(exp, rc, cache=cache)
     files = write_outputs(exp, draw_rows, run_rows, out, command, config_text)
     print(f"{PREFIX} done in {time.perf_counter() - t0:.0f}s: {files['markdown']}")
     return 0
