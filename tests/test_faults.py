@@ -3,7 +3,8 @@
 Most tests drive the real ServerApp loop (`server.app.run_federation`) and the real ClientApp
 handlers in this process through `fake_grid.InProcessGrid`, which lets a node vanish, answer
 garbage or the server die at a chosen moment. The tests at the end start real Flower processes
-(SuperLink + SuperNodes with TLS and SuperNode authentication) and kill them.
+(SuperLink + SuperNodes with TLS and SuperNode authentication) and kill them; they are also marked
+`deployment` and `slow` (minutes each), so `-m "not slow"` stays quick.
 """
 
 from __future__ import annotations
@@ -474,3 +475,142 @@ def test_the_server_refuses_bad_config_before_writing_anything(medmnist_dir, tmp
     with pytest.raises(DataError, match="Unknown MedMNIST dataset"):
         run_federation(InProcessGrid(rc, {}), load_config({**rc, "dataset": "heartmnist"}))
     assert not Path(rc["results-dir"]).exists()
+
+
+# --------------------------------------------------------------------------- real processes
+# These start a SuperLink and SuperNodes (TLS, SuperNode authentication) on 127.0.0.1 and kill them.
+
+from simulations.deployment import LocalDeployment  # noqa: E402
+
+
+def _wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _summary_rounds(dep: LocalDeployment) -> int:
+    try:
+        return len(dep.summary()["rounds"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.fixture
+def local_deployment(tmp_path, medmnist_dir):
+    """Factory: `make(run_config)` -> a prepared LocalDeployment; all of them are stopped afterwards."""
+    made: list[LocalDeployment] = []
+
+    def make(run_config: dict) -> LocalDeployment:
+        dep = LocalDeployment(tmp_path / f"deployment-{len(made)}",
+                              run_config={"data-dir": str(medmnist_dir), "wait-for-nodes": 120.0, **run_config})
+        made.append(dep)
+        return dep
+
+    try:
+        yield make
+    finally:
+        for dep in made:
+            dep.close()
+
+
+@pytest.mark.deployment
+@pytest.mark.slow
+def test_intruders_unregistered_or_without_tls_are_refused(local_deployment) -> None:
+    """A SuperNode whose key was never registered is refused by the SuperLink; a SuperNode without TLS
+    cannot even talk to it, and neither can a plain HTTP client."""
+    import http.client
+
+    dep = local_deployment({"num-hospitals": 2, "num-held-out": 0, "clients-per-round": 2})
+    dep.prepare()
+    dep.start_superlink()
+    dep.register(0)
+    dep.start_supernode(0)
+    dep.wait_online(1, timeout=120)
+
+    intruder = dep.start_supernode(1, key_of=dep.cfg.num_hospitals, max_retries=2)  # a key nobody registered
+    plain = dep.start_supernode(9, insecure=True, max_retries=2, node_config="hospital-id=1")
+    for comp in (intruder, plain):
+        assert comp.proc is not None
+        assert comp.proc.wait(timeout=120) != 0, comp.log.read_text()
+    assert "Failed to activate SuperNode" in intruder.log.read_text()
+    assert "could not establish a connection" in plain.log.read_text()
+    assert "No SuperNode found with the given public key" in dep.superlink.log.read_text()
+    nodes = dep.nodes() or []
+    assert len(nodes) == 1 and nodes[0]["status"] == "online"  # only the registered hospital
+    conn = http.client.HTTPConnection("127.0.0.1", dep.link_port, timeout=10)
+    with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
+        conn.request("GET", "/health")
+        conn.getresponse()
+    conn.close()
+
+
+@pytest.mark.deployment
+@pytest.mark.slow
+def test_deployed_hospital_killed_mid_round_round_completes_and_it_rejoins(local_deployment) -> None:
+    """SIGKILL hospital 2's SuperNode (and its ClientApp) while it trains in round 2. Round 2 completes
+    with the other two (the SuperLink reports the node unavailable, or round-timeout passes) and the
+    failure is logged. Its SuperNode is restarted (retrying until the SuperLink accepts it again); the
+    server picks it up at the next round boundary, it trains again, and its epsilon continues from
+    the ledger on its side instead of starting from zero."""
+    dep = local_deployment({"num-hospitals": 3, "num-held-out": 0, "clients-per-round": 3, "min-replies": 2,
+                            "num-server-rounds": 4, "inner-steps": 1, "dp": True, "round-timeout": 90.0})
+    dep.start()
+    run_id, log = dep.submit()
+    _wait_for(lambda: _summary_rounds(dep) >= 1, 600, "round 1")
+    eps_round1 = dep.summary()["hospitals"]["2"]["epsilon"]
+    _wait_for(lambda: dep.clientapp_pids(2), 300, "hospital 2's ClientApp in round 2", poll=0.2)
+    time.sleep(1.0)  # it is busy with the round now
+    assert dep.kill(dep.supernodes[2])
+    dep.restart_supernode(2)
+    status = dep.wait_finished(run_id, timeout=900)
+    stream = log.read_text(errors="replace")
+    assert status == "finished:completed", stream[-4000:]
+    summary = dep.summary()
+    r2 = summary["rounds"][1]
+    assert r2["updated"] and r2["replies"] == 2
+    assert any(reason.startswith("hospital 2 ") for reason in r2["dropped_reasons"]), r2
+    assert "no reply from hospital 2" in stream or "dropped reply from hospital 2" in stream  # logged
+    later = summary["rounds"][2:]
+    assert any(r["replies"] == 3 for r in later), later  # it rejoined
+    h2 = summary["hospitals"]["2"]
+    ledger = json.loads((dep.root / "ledgers" / "hospital-2" / "privacy_ledger.json").read_text())
+    assert h2["epsilon"] > eps_round1 and ledger["rounds"] >= 2 and h2["rounds_participated"] == ledger["rounds"]
+
+
+@pytest.mark.deployment
+@pytest.mark.slow
+def test_deployed_server_killed_mid_run_resumes_to_the_same_number_of_rounds(local_deployment) -> None:
+    """SIGKILL the SuperLink with its SuperExec and ServerApp after round 1's checkpoint; the files
+    written so far are intact. Restart it on the same database, submit the run again with
+    resume=true: the rounds continue where they stopped and the run completes all of them."""
+    dep = local_deployment({"num-hospitals": 3, "num-held-out": 0, "clients-per-round": 2, "min-replies": 1,
+                            "num-server-rounds": 3, "inner-steps": 1, "dp": True, "round-timeout": 120.0})
+    dep.start()
+    first_run, _ = dep.submit(name="interrupted")
+    ckpt_dir = dep.results_dir / "checkpoint"
+    _wait_for(lambda: (c := load_checkpoint(ckpt_dir)) is not None and c.round >= 1, 600, "round 1's checkpoint")
+    killed = dep.kill(dep.superlink)
+    assert len(killed) >= 3  # SuperLink, its SuperExec, the ServerApp
+    saved = load_checkpoint(ckpt_dir)  # intact after the crash
+    at_crash = dep.summary()
+    assert saved is not None and 1 <= saved.round < 3
+    assert [r["round"] for r in at_crash["rounds"]] == list(range(1, saved.round + 1))
+
+    dep.start_superlink()
+    dep.wait_online(3, timeout=180)  # the SuperNodes reconnect by themselves
+    dep.stop_run(first_run)  # the dead run is still "running" in the SuperLink's database
+    run_id, log = dep.submit({"resume": True}, name="resumed")
+    status = dep.wait_finished(run_id, timeout=900)
+    stream = log.read_text(errors="replace")
+    assert status == "finished:completed", stream[-4000:]
+    assert f"resuming from {checkpoint_path(ckpt_dir)}" in stream
+    summary = dep.summary()
+    assert summary["status"] == "completed" and [r["round"] for r in summary["rounds"]] == [1, 2, 3]
+    assert summary["resumed"][0]["after_round"] == saved.round
+    assert summary["rounds"][: saved.round] == at_crash["rounds"]  # nothing written before the crash was lost
+    assert load_checkpoint(ckpt_dir).round == 3

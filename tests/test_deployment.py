@@ -1,0 +1,67 @@
+"""A real deployment on 127.0.0.1 (marker `deployment`): one SuperLink and three SuperNodes, TLS and
+SuperNode authentication on, each hospital reading only its own data folder, two rounds with DP.
+
+Runs the README walkthrough's commands through `simulations.deployment.LocalDeployment`, and stops
+every process it started, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.data import held_out_hospitals
+from simulations import flower_env
+from simulations.deployment import LocalDeployment
+
+pytestmark = [pytest.mark.deployment, pytest.mark.slow]
+
+RUN_CONFIG = {"num-hospitals": 3, "num-held-out": 1, "clients-per-round": 2, "min-replies": 2,
+              "num-server-rounds": 2, "inner-steps": 1, "eval-every": 2, "dp": True, "target-epsilon": 8.0,
+              "round-timeout": 300.0, "wait-for-nodes": 120.0}
+
+
+def leftover_processes(dep: LocalDeployment) -> list[int]:
+    homes = [dep.cli_home, *(c.home for c in dep.supernodes.values())] + ([dep.superlink.home] if dep.superlink else [])
+    return [pid for h in homes for pid in flower_env.pids_with_env("FLWR_HOME", str(h.path))]
+
+
+@pytest.fixture
+def deployment(tmp_path, medmnist_dir):
+    dep = LocalDeployment(tmp_path / "deployment", run_config={"data-dir": str(medmnist_dir), **RUN_CONFIG})
+    try:
+        yield dep
+    finally:
+        dep.close()
+    assert leftover_processes(dep) == []
+
+
+def test_three_hospitals_over_tls_with_authentication_two_dp_rounds(deployment) -> None:
+    dep = deployment
+    dep.start()
+    nodes = dep.nodes()
+    assert nodes is not None and sorted(n["status"] for n in nodes) == ["online"] * 3  # registered and online
+    run_id, log = dep.submit()
+    status = dep.wait_finished(run_id, timeout=900)
+    stream = log.read_text(errors="replace")
+    assert status == "finished:completed", stream[-4000:]
+    assert "[round 2/2]" in stream
+
+    summary = dep.summary()
+    held = list(held_out_hospitals(3, 1, dep.cfg.seed))
+    assert summary["status"] == "completed"
+    assert summary["held_out_hospitals"] == held and sorted(summary["training_hospitals"] + held) == [0, 1, 2]
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert all(r["updated"] and r["replies"] == 2 and r["dropped"] == 0 for r in summary["rounds"])
+    assert summary["config"]["dp"] is True and summary["config"]["num-hospitals"] == 3
+    for hid in summary["training_hospitals"]:
+        h = summary["hospitals"][str(hid)]
+        assert 0 < h["epsilon"] <= 8.0 and h["delta"] == 1e-5 and h["rounds_participated"] == 2
+        # the ledger lives on the hospital's side, and says the same
+        ledger = json.loads((dep.root / "ledgers" / f"hospital-{hid}" / "privacy_ledger.json").read_text())
+        assert ledger["rounds"] == 2
+    assert summary["final"] is not None and 0 <= summary["final"]["accuracy"] <= 1
+    assert (dep.results_dir / "checkpoint" / "checkpoint.pt").is_file()
+    assert not list(dep.results_dir.rglob("privacy_ledger.json"))  # never on the server
+    print(f"deployed round times: {[round(r['seconds'], 1) for r in summary['rounds']]}")
