@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -313,7 +314,11 @@ def _write_probe_app(root: Path) -> Path:
     return app
 
 
-def _leftovers() -> list[str]:
+def _leftovers(output: str) -> list[str]:
+    """Processes still carrying the private FLWR_HOME this launch printed (other runs on the machine don't count)."""
+    homes = re.findall(r"FLWR_HOME: (/\S+)", output)
+    assert homes, "the launcher did not print its FLWR_HOME"
+    marker = f"FLWR_HOME={homes[0]}".encode()
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -321,7 +326,7 @@ def _leftovers() -> list[str]:
                 env = Path(f"/proc/{entry}/environ").read_bytes()
             except OSError:
                 continue
-            if b"FLWR_HOME=/tmp/fedmeta-sim-" in env:
+            if marker + b"\x00" in env + b"\x00":
                 out.append(entry)
     return out
 
@@ -350,7 +355,7 @@ def test_launcher_end_to_end_with_probe_app(tmp_path):
     assert summary.stat().st_mtime >= t0
     assert "probe round 2: 3/3 replies" in ok.stdout
     assert "wall time" in ok.stdout and str(summary) in ok.stdout
-    assert _leftovers() == []
+    assert _leftovers(ok.stdout) == []
 
     bad = _launch(
         ["--app-dir", str(app), "--run-config", f'{common} dataset="fail-on-purpose" results-dir="res/bad"'],
@@ -359,4 +364,4 @@ def test_launcher_end_to_end_with_probe_app(tmp_path):
     assert bad.returncode == 1, bad.stdout[-3000:] + bad.stderr[-3000:]
     assert "finished:failed" in bad.stderr and "fails on purpose" in bad.stderr
     assert not (tmp_path / "res" / "bad" / "summary.json").exists()
-    assert _leftovers() == []
+    assert _leftovers(bad.stdout) == []
