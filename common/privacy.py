@@ -101,6 +101,7 @@ def sample_rate(*, batch_size: int, num_records: int) -> float:
     return min(1.0, batch_size / num_records)
 
 
+@functools.lru_cache(maxsize=1024)  # pure in its arguments; the bisection costs seconds
 def calibrate_noise_multiplier(
     *, target_epsilon: float, delta: float, sample_rate: float, steps: int, loss_noise_factor: float
 ) -> float:
