@@ -352,7 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "SuperNode authentication, 127.0.0.1) and stop everything afterwards.")
     parser.add_argument("--run-config", "-c", default="", metavar="'k=v ...'",
                         help="overrides for [tool.flwr.app.config] (TOML values: strings quoted)")
-    parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder)")
+    parser.add_argument("--keep", metavar="DIR", help="work in DIR (a new folder: its ledgers and registrations "
+                                                      "would carry over) and keep it (default: a temporary folder)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
     args = parser.parse_args(argv)
 
