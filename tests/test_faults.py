@@ -391,6 +391,23 @@ def test_a_hospital_with_a_missing_or_corrupt_folder_fails_at_start_with_a_clear
     assert 0 not in summary["training_hospitals"] and summary["status"] == "completed"
 
 
+def test_a_hospital_can_check_its_folder_before_starting_its_supernode(medmnist_dir, folders, capsys) -> None:
+    """`python -m client.check_data` runs the ClientApp's start checks alone: ok, or one paragraph and exit 2."""
+    from client import check_data
+
+    rc = f'data-dir="{medmnist_dir}" num-hospitals=4 num-held-out=1 num-server-rounds=3 inner-steps=1'
+    assert check_data.main([str(folders / "hospital-0"), "-c", rc, "--hospital-id", "0"]) == 0
+    assert "is hospital 0 (training)" in capsys.readouterr().out
+    _flip_byte(folders / "hospital-1" / "breastmnist.npz")
+    for folder, extra, fragment in (
+        (folders / "hospital-1", [], "the file is corrupt or was changed"),
+        (folders / "hospital-0", ["--hospital-id", "3"], "belongs to hospital 0"),
+        (folders / "hospital-9", [], "the folder does not exist"),
+    ):
+        assert check_data.main([str(folder), "-c", rc, *extra]) == 2
+        assert fragment in _one_paragraph(capsys.readouterr().err)
+
+
 def test_deployed_hospital_without_a_ledger_dir_is_refused_at_start(medmnist_dir, tmp_path, flower_log) -> None:
     rc = small_rc(medmnist_dir, tmp_path, **{"num-server-rounds": 1})
     nodes = nodes_for(rc, tmp_path)

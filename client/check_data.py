@@ -1,0 +1,59 @@
+"""Check a hospital's data folder before starting its SuperNode (the checks its ClientApp runs at the
+start of every run, without Flower processes):
+
+    python -m client.check_data FOLDER --run-config run.toml [--hospital-id H] [--app-dir PATH]
+
+Exit code 0 and one line describing the folder when it is usable for that run config; otherwise a
+one-paragraph error on stderr and exit code 2. Nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+APP_DIR = Path(__file__).resolve().parent.parent
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m client.check_data", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", help="the hospital's data folder (node config 'hospital-data')")
+    parser.add_argument("--run-config", "-c", action="append", metavar="'k=v ...'",
+                        help="the run's overrides of [tool.flwr.app.config] (k=v pairs, or one .toml file)")
+    parser.add_argument("--hospital-id", type=int, default=None, help="the node config's 'hospital-id', if set")
+    parser.add_argument("--app-dir", default=str(APP_DIR), help="Flower app directory (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    import click  # noqa: PLC0415 - flwr dependencies; imported late to keep --help fast
+    from flwr.common.config import get_fused_config_from_dir, parse_config_args  # noqa: PLC0415
+
+    from common.config import ConfigError, load_config  # noqa: PLC0415
+    from common.data import DataError, held_out_hospitals  # noqa: PLC0415
+    from common.hospital import check_privacy_budget, load_site_from_folder, noise_multiplier_for  # noqa: PLC0415
+    from common.privacy import PrivacyError  # noqa: PLC0415
+
+    try:
+        try:
+            fused = get_fused_config_from_dir(Path(args.app_dir), parse_config_args(args.run_config))
+        except ValueError as err:  # an override key that is not in [tool.flwr.app.config]
+            raise ConfigError(f"run config: {err} (keys must exist in [tool.flwr.app.config])") from None
+        cfg = load_config(fused)
+        site = load_site_from_folder(cfg, args.folder, hospital_id=args.hospital_id)
+        training = site.hospital_id not in held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed)
+        if cfg.dp and training:
+            check_privacy_budget(cfg, site.num_records)
+    except (ConfigError, DataError, PrivacyError, OSError, ValueError, click.ClickException) as err:
+        message = err.message if isinstance(err, click.ClickException) else str(err)
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    role = "training" if training else "held out: evaluates only"
+    noise = f"; noise multiplier {noise_multiplier_for(cfg, site.num_records):.3f}" if cfg.dp and training else ""
+    print(f"ok: {Path(args.folder).resolve()} is hospital {site.hospital_id} ({role}), {site.num_records} records "
+          f"of {cfg.dataset} {cfg.image_size}x{cfg.image_size}, checksum verified{noise}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
