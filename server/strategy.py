@@ -82,6 +82,16 @@ class MetaGradientStrategy(Strategy):
     def held_out_hospitals(self) -> list[int]:
         return sorted(self.hospital_of[n] for n in self.held_out_nodes)
 
+    def _send_theta(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                    nodes: Iterable[int], message_type: str) -> list[Message]:
+        """Theta and the round's config to each node, as `message_type`; remembered as the outbox."""
+        config = ConfigRecord({**dict(config), P.SERVER_ROUND: server_round})
+        self._outbox = [
+            Message(RecordDict({P.ARRAYS: arrays, P.CONFIG: config}), dst_node_id=node, message_type=message_type)
+            for node in nodes
+        ]
+        return list(self._outbox)
+
     # -- training -------------------------------------------------------------------------------
     def sample_training_nodes(self) -> list[int]:
         k = min(self.cfg.clients_per_round, len(self.training_nodes))
@@ -89,13 +99,7 @@ class MetaGradientStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        config = ConfigRecord({**dict(config), P.SERVER_ROUND: server_round})
-        self._outbox = [
-            Message(RecordDict({P.ARRAYS: arrays, P.CONFIG: config}), dst_node_id=node,
-                    message_type=MessageType.TRAIN)
-            for node in self.sample_training_nodes()
-        ]
-        return list(self._outbox)
+        return self._send_theta(server_round, arrays, config, self.sample_training_nodes(), MessageType.TRAIN)
 
     def _node_of(self, reply: Message) -> int:
         """The node a reply is about: the SuperLink itself answers for a node that went offline."""
@@ -217,13 +221,7 @@ class MetaGradientStrategy(Strategy):
     # -- evaluation on held-out hospitals ---------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        config = ConfigRecord({**dict(config), P.SERVER_ROUND: server_round})
-        self._outbox = [
-            Message(RecordDict({P.ARRAYS: arrays, P.CONFIG: config}), dst_node_id=node,
-                    message_type=MessageType.EVALUATE)
-            for node in self.held_out_nodes
-        ]
-        return list(self._outbox)
+        return self._send_theta(server_round, arrays, config, self.held_out_nodes, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rows = []
