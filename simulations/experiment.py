@@ -472,6 +472,15 @@ def render_markdown(exp: Experiment, summary, pair_local, pair_fedavg, runs, com
     return "\n".join(lines)
 
 
+def _save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(exp: Experiment, summary, out: Path) -> list[Path]:
     import matplotlib
 
@@ -501,11 +510,7 @@ def plot(exp: Experiment, summary, out: Path) -> list[Path]:
         ax.set_ylabel("AUC at held-out hospitals after adaptation")
         ax.set_title(f"{ds}: K={h['shots']}, {h['adapt-steps']} steps (mean ± std over seeds)")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = out / f"{ds}_auc_vs_epsilon.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save_figure(fig, out / f"{ds}_auc_vs_epsilon.png"))
         for axis, fixed in (("shots", {"steps": h["adapt-steps"], "dirichlet_alpha": h["dirichlet-alpha"]}),
                             ("steps", {"shots": h["shots"], "dirichlet_alpha": h["dirichlet-alpha"]}),
                             ("dirichlet_alpha", {"shots": h["shots"], "steps": h["adapt-steps"]})):
@@ -525,11 +530,7 @@ def plot(exp: Experiment, summary, out: Path) -> list[Path]:
             ax.set_ylabel("AUC at held-out hospitals")
             ax.set_title(f"{ds}: AUC against {axis}")
             ax.legend(fontsize=7)
-            fig.tight_layout()
-            p = out / f"{ds}_auc_vs_{axis}.png"
-            fig.savefig(p, dpi=120)
-            plt.close(fig)
-            paths.append(p)
+            paths.append(_save_figure(fig, out / f"{ds}_auc_vs_{axis}.png"))
     return paths
 
 
