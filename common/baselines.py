@@ -8,7 +8,9 @@ the *same* protocol on the *same* K-shot support draws:
   draw), never on the method, so methods are compared paired.
 - `finetune_curve`: full-batch SGD at ``lr`` from theta (the arithmetic of `common.maml.finetune`,
   which `common.hospital.adapt_and_score` uses), scored on the query set at several step counts
-  along one trajectory (0 = no adaptation).
+  along one trajectory (0 = no adaptation); `finetune_curves` runs the same arithmetic for many
+  (support draw, learning rate) pairs at once (``torch.func.vmap`` over the pairs), which is what
+  the experiments use to sweep the adaptation protocol.
 
 Baselines producing a theta:
 
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, grad, vmap
 
 from common import data as D
 from common.maml import Params, Scores, evaluate, forward, plain_gradient_fn
@@ -87,6 +90,59 @@ def finetune_curve(
             phi = {k: (phi[k] - lr * g[k]).detach() for k in phi}
             done += 1
         scores[target] = evaluate(model, phi, xq, yq, num_classes=num_classes)
+    return scores
+
+
+
+def finetune_curves(
+    model: nn.Module,
+    params: Params,
+    supports: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    queries: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    lrs: Sequence[float],
+    checkpoints: Sequence[int],
+    num_classes: int,
+) -> dict[tuple[int, float, int], Scores]:
+    """`finetune_curve` for every (support i, lr) pair at once: ``{(i, lr, steps): Scores}``.
+
+    All support sets must have the same shape (K-shot draws of one site do). The fine-tunings are
+    independent (each its own copy of theta, its own support set and lr) and run as one vmapped
+    gradient per step; step 0 is scored once per support set (it does not depend on lr).
+    """
+    steps = sorted(set(int(c) for c in checkpoints))
+    if not steps or steps[0] < 0:
+        raise ValueError(f"checkpoints must be non-negative step counts, got {checkpoints}")
+    if len(supports) != len(queries) or not supports or not lrs:
+        raise ValueError("need one query per support set, at least one support set and one lr")
+    if len({tuple(x.shape) for x, _ in supports}) != 1:
+        raise ValueError(f"support sets differ in shape: {sorted({tuple(x.shape) for x, _ in supports})}")
+    pairs = [(i, float(lr)) for lr in lrs for i in range(len(supports))]
+    xs = torch.stack([supports[i][0] for i, _ in pairs])
+    ys = torch.stack([supports[i][1] for i, _ in pairs])
+    rate = torch.tensor([lr for _, lr in pairs], dtype=torch.float32)
+
+    def loss(p: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(model, p, (x,)), y)
+
+    step_all = vmap(grad(loss), in_dims=(0, 0, 0))
+    phi = {k: v.detach().unsqueeze(0).expand(len(pairs), *v.shape).clone() for k, v in params.items()}
+    scores: dict[tuple[int, float, int], Scores] = {}
+    done = 0
+    for target in steps:
+        while done < target:
+            g = step_all(phi, xs, ys)
+            phi = {k: (phi[k] - rate.view(-1, *[1] * (phi[k].dim() - 1)) * g[k]).detach() for k in phi}
+            done += 1
+        if target == 0:
+            for i, q in enumerate(queries):
+                sc = evaluate(model, params, q[0], q[1], num_classes=num_classes)
+                for lr in lrs:
+                    scores[(i, float(lr), 0)] = sc
+            continue
+        for j, (i, lr) in enumerate(pairs):
+            scores[(i, lr, target)] = evaluate(model, {k: v[j] for k, v in phi.items()}, queries[i][0], queries[i][1],
+                                               num_classes=num_classes)
     return scores
 
 

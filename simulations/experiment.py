@@ -17,9 +17,15 @@ Protocol (the same for every method):
   transport), centralised non-private training on the pooled training hospitals, or the random
   initialisation (local-only);
 - at every held-out hospital, ``draws`` seeded K-shot support sets (identical across methods), the
-  rest of the site as test set; `common.baselines.finetune_curve` (full-batch SGD at `adapt-lr`)
-  scored after each step count of the sweep. Paired differences are taken per (seed, hospital,
-  draw, K, steps).
+  rest of the site as test set; `common.baselines.finetune_curve` (full-batch SGD at each learning
+  rate of ``adapt-lrs``) scored after each step count of the sweep. Paired differences are taken
+  per (seed, hospital, draw, K, steps, lr).
+- two adaptation protocols are reported: the *fixed* one (``[headline]`` steps and lr, chosen before
+  any result was seen) and the *tuned* one: for each held-out hospital, the (steps, lr) of the grid
+  with the best mean AUC at the **other** held-out hospitals of the same seed (leave one hospital
+  out; the hospital being scored never takes part in choosing its own protocol), per method, epsilon
+  and K. In the CSV files the tuned protocol is ``steps = -1, adapt_lr = 0``; ``tuned.csv`` lists
+  the choices.
 - every table row: mean +- std over seeds of the per-seed mean over hospitals and draws.
 """
 
@@ -45,10 +51,11 @@ PREFIX = "[experiment]"
 INF = math.inf
 KINDS = ("federated", "centralised", "local", "local-adam")
 DRAW_COLUMNS = ["dataset", "dirichlet_alpha", "seed", "method", "epsilon", "hospital", "draw", "shots",
-                "steps", "n_support", "n_query", "accuracy", "auc"]
+                "steps", "adapt_lr", "n_support", "n_query", "accuracy", "auc"]
+TUNED_STEPS, TUNED_LR = -1, 0.0  # how the tuned protocol's rows are marked in draws-shaped tables
 
 QUICK_DEFAULTS: dict[str, Any] = {
-    "run-config": {"num-server-rounds": 2, "num-hospitals": 5, "num-held-out": 1, "clients-per-round": 2},
+    "run-config": {"num-server-rounds": 2, "num-hospitals": 5, "num-held-out": 2, "clients-per-round": 2},
     "eval": {"draws": 1},
     "centralised": {"epochs": 1},
     "local-adam": {"steps": 5},
@@ -79,6 +86,7 @@ class Experiment:
     methods: tuple[Method, ...]
     shots: tuple[int, ...]
     adapt_steps: tuple[int, ...]
+    adapt_lrs: tuple[float, ...]
     dirichlet_alphas: tuple[float, ...]
     headline: dict[str, Any]
     draws: int
@@ -104,6 +112,11 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
+
+
+def _system_default(key: str) -> Any:
+    with open(REPO_ROOT / "pyproject.toml", "rb") as fh:
+        return tomllib.load(fh)["tool"]["flwr"]["app"]["config"][key]
 
 
 def parse_experiment(raw: Mapping[str, Any], *, quick: bool = False) -> Experiment:
@@ -141,14 +154,21 @@ def parse_experiment(raw: Mapping[str, Any], *, quick: bool = False) -> Experime
     shots = tuple(int(k) for k in sweep.get("shots", [5]))
     steps = tuple(sorted({int(s) for s in sweep.get("adapt-steps", [20])} | {0}))
     alphas = tuple(float(a) for a in sweep.get("dirichlet-alpha", [raw.get("run-config", {}).get("dirichlet-alpha", 1.0)]))
+    default_lr = float(raw.get("run-config", {}).get("adapt-lr", _system_default("adapt-lr")))
+    lrs = tuple(sorted({float(v) for v in sweep.get("adapt-lrs", [default_lr])}))
+    if not lrs or not all(v > 0 for v in lrs):
+        raise ExperimentConfigError(f"[sweep] adapt-lrs {list(lrs)}: need positive learning rates")
     headline = {"shots": int(raw.get("headline", {}).get("shots", shots[0])),
                 "adapt-steps": int(raw.get("headline", {}).get("adapt-steps", max(steps))),
+                "adapt-lr": float(raw.get("headline", {}).get("adapt-lr", default_lr)),
                 "dirichlet-alpha": float(raw.get("headline", {}).get("dirichlet-alpha", alphas[0]))}
-    if headline["shots"] not in shots or headline["adapt-steps"] not in steps or headline["dirichlet-alpha"] not in alphas:
+    if (headline["shots"] not in shots or headline["adapt-steps"] not in steps or headline["adapt-lr"] not in lrs
+            or headline["dirichlet-alpha"] not in alphas):
         raise ExperimentConfigError(f"[headline] {headline} must be one point of the sweep")
     return Experiment(
         name=name, datasets=datasets, seeds=seeds, run_config=dict(raw.get("run-config", {})),
-        methods=tuple(methods), shots=shots, adapt_steps=steps, dirichlet_alphas=alphas, headline=headline,
+        methods=tuple(methods), shots=shots, adapt_steps=steps, adapt_lrs=lrs, dirichlet_alphas=alphas,
+        headline=headline,
         draws=int(raw.get("eval", {}).get("draws", 5)),
         centralised={"epochs": 30, "lr": 1e-3, "batch-size": 128, "val-fraction": 0.1, **raw.get("centralised", {})},
         local_adam={"steps": 300, "lr": 1e-3, **raw.get("local-adam", {})},
@@ -236,33 +256,69 @@ def train_initialisation(method: Method, eps: float, rc: Mapping[str, Any], exp:
 
 def evaluate_initialisation(method: Method, theta: dict, cfg: Any, held: Sequence[Any], exp: Experiment,
                             draws_by_site: Mapping[tuple[int, int], list]) -> list[dict[str, Any]]:
-    """Adapt theta at every held-out site on the shared support draws; one row per draw x K x steps."""
+    """Adapt theta at every held-out site on the shared support draws; one row per draw x K x steps x lr."""
     import torch
 
-    from common.baselines import finetune_curve, train_local_adam
+    from common.baselines import finetune_curve, finetune_curves, train_local_adam
     from common.hospital import new_model
 
     rows = []
     for site in held:
         model = new_model(cfg, site.info)
         for k in exp.shots:
-            for dr in draws_by_site[(site.hospital_id, k)]:
-                s, q = torch.as_tensor(dr.support), torch.as_tensor(dr.query)
-                sup, qry = (site.x[s], site.y[s]), (site.x[q], site.y[q])
-                if method.kind == "local-adam":
+            draws = draws_by_site[(site.hospital_id, k)]
+            pos = [(torch.as_tensor(dr.support), torch.as_tensor(dr.query)) for dr in draws]
+            sups = [(site.x[s], site.y[s]) for s, _ in pos]
+            qrys = [(site.x[q], site.y[q]) for _, q in pos]
+            if method.kind == "local-adam":
+                # its own fixed protocol: the same scores under every (steps, lr) of the grid
+                scores = {}
+                for i, (sup, qry) in enumerate(zip(sups, qrys)):
                     phi = train_local_adam(model, theta, sup, steps=int(exp.local_adam["steps"]),
                                            lr=float(exp.local_adam["lr"]))
-                    curve = {st: sc for st, sc in finetune_curve(model, phi, sup, qry, lr=cfg.adapt_lr, checkpoints=[0],
-                                                                 num_classes=site.info.n_classes).items()}
-                    curve = {st: curve[0] for st in exp.adapt_steps}  # no further adaptation: same scores
-                else:
-                    curve = finetune_curve(model, theta, sup, qry, lr=cfg.adapt_lr, checkpoints=exp.adapt_steps,
-                                           num_classes=site.info.n_classes)
-                for st, sc in curve.items():
-                    rows.append({"hospital": site.hospital_id, "draw": dr.draw, "shots": k, "steps": st,
-                                 "n_support": len(dr.support), "n_query": len(dr.query),
-                                 "accuracy": sc.accuracy, "auc": sc.auc})
+                    sc = finetune_curve(model, phi, sup, qry, lr=cfg.adapt_lr, checkpoints=[0],
+                                        num_classes=site.info.n_classes)[0]
+                    scores.update({(i, lr, st): sc for lr in exp.adapt_lrs for st in exp.adapt_steps})
+            else:
+                scores = finetune_curves(model, theta, sups, qrys, lrs=exp.adapt_lrs, checkpoints=exp.adapt_steps,
+                                         num_classes=site.info.n_classes)
+            for (i, lr, st), sc in sorted(scores.items()):
+                dr = draws[i]
+                rows.append({"hospital": site.hospital_id, "draw": dr.draw, "shots": k, "steps": st,
+                             "adapt_lr": lr, "n_support": len(dr.support), "n_query": len(dr.query),
+                             "accuracy": sc.accuracy, "auc": sc.auc})
     return rows
+
+
+def select_protocol(draws):
+    """The tuned protocol: each held-out hospital adapts with the (steps, lr) that did best elsewhere.
+
+    For every (dataset, alpha, seed, method, epsilon, K) and every held-out hospital h, the grid point
+    with the highest mean AUC over the *other* held-out hospitals of that seed (each hospital weighted
+    equally, its draws averaged) is chosen; h's rows at that point are returned with
+    ``steps = TUNED_STEPS, adapt_lr = TUNED_LR`` and the choice in ``chosen_steps``/``chosen_lr``.
+    Ties go to fewer steps, then the smaller lr. Needs at least two held-out hospitals per seed
+    (otherwise nothing is returned).
+    """
+    import pandas as pd
+
+    keys = ["dataset", "dirichlet_alpha", "seed", "method", "epsilon", "shots"]
+    out = []
+    for _key, grp in draws[draws.steps != TUNED_STEPS].groupby(keys, sort=False):
+        by_site = grp.groupby(["steps", "adapt_lr", "hospital"]).auc.mean().unstack("hospital").sort_index()
+        sites = list(by_site.columns)
+        if len(sites) < 2:
+            continue
+        for h in sites:
+            score = by_site[[o for o in sites if o != h]].mean(axis=1)
+            if score.isna().all():
+                continue
+            best_steps, best_lr = score.idxmax()
+            rows = grp[(grp.hospital == h) & (grp.steps == best_steps) & (grp.adapt_lr == best_lr)].copy()
+            rows["chosen_steps"], rows["chosen_lr"] = best_steps, best_lr
+            rows["steps"], rows["adapt_lr"] = TUNED_STEPS, TUNED_LR
+            out.append(rows)
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=[*DRAW_COLUMNS, "chosen_steps", "chosen_lr"])
 
 
 def run_experiment(exp: Experiment, rc_base: Mapping[str, Any], *, cache: Path | None,
@@ -314,47 +370,53 @@ def _ms(values: Sequence[float], digits: int = 3) -> str:
     return f"{v.mean():.{digits}f} ± {sd:.{digits}f}" if sd == sd else f"{v.mean():.{digits}f}"
 
 
+KEYS = ["dataset", "dirichlet_alpha", "method", "epsilon", "shots", "steps", "adapt_lr"]
+
+
 def summarise(draws, exp: Experiment):
-    """Per (dataset, alpha, method, epsilon, K, steps): mean +- std over seeds of per-seed means."""
+    """Per (dataset, alpha, method, epsilon, K, steps, lr): mean +- std over seeds of per-seed means."""
     import pandas as pd
 
-    keys = ["dataset", "dirichlet_alpha", "method", "epsilon", "shots", "steps"]
-    per_seed = draws.groupby(keys + ["seed"], sort=False)[["accuracy", "auc"]].mean().reset_index()
-    g = per_seed.groupby(keys, sort=False)
+    per_seed = draws.groupby(KEYS + ["seed"], sort=False)[["accuracy", "auc"]].mean().reset_index()
+    g = per_seed.groupby(KEYS, sort=False)
     out = g.agg(auc_mean=("auc", "mean"), auc_std=("auc", "std"), acc_mean=("accuracy", "mean"),
                 acc_std=("accuracy", "std"), seeds=("seed", "nunique")).reset_index()
-    n = draws.groupby(keys, sort=False).size().rename("n_draws").reset_index()
-    return pd.merge(out, n, on=keys)
+    n = draws.groupby(KEYS, sort=False).size().rename("n_draws").reset_index()
+    out = pd.merge(out, n, on=KEYS)
+    out.insert(0, "protocol", ["tuned" if st == TUNED_STEPS else "fixed" for st in out.steps])
+    return out
 
 
-def paired(draws, reference: str, *, same_epsilon: bool, reference_steps: int | None = None):
+def paired(draws, reference: str, *, same_epsilon: bool, reference_protocol: tuple[int, float] | None = None):
     """Paired AUC/accuracy differences of every method against `reference` on the same draws.
 
-    With `reference_steps`, every step count of the method is compared with the reference after
-    that fixed number of adaptation steps (e.g. an initialisation used as is vs local-only training).
+    By default each (steps, lr) point, and the tuned protocol, is compared with the reference under
+    the same protocol. With `reference_protocol` = (steps, lr), every point of the method is compared
+    with the reference adapted under that one fixed protocol (e.g. an initialisation used as is vs
+    local-only training).
     """
     import numpy as np
     import pandas as pd
 
     on = ["dataset", "dirichlet_alpha", "seed", "hospital", "draw", "shots"]
-    on += [] if reference_steps is not None else ["steps"]
+    on += [] if reference_protocol is not None else ["steps", "adapt_lr"]
     ref = draws[draws.method == reference]
-    if reference_steps is not None:
-        ref = ref[ref.steps == reference_steps]
+    if reference_protocol is not None:
+        ref = ref[(ref.steps == reference_protocol[0]) & (ref.adapt_lr == reference_protocol[1])]
     if ref.empty:
         return pd.DataFrame()
     cols = on + (["epsilon"] if same_epsilon else [])
     m = pd.merge(draws[draws.method != reference], ref[cols + ["auc", "accuracy"]], on=cols, suffixes=("", "_ref"))
     m["d_auc"] = m.auc - m.auc_ref
     m["d_acc"] = m.accuracy - m.accuracy_ref
-    keys = ["dataset", "dirichlet_alpha", "method", "epsilon", "shots", "steps"]
     rows = []
-    for key, grp in m.groupby(keys, sort=False):
+    for key, grp in m.groupby(KEYS, sort=False):
         seed_means = grp.groupby("seed").d_auc.mean()
         d = grp.d_auc.dropna().to_numpy()
         se = d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else float("nan")
-        rows.append({**dict(zip(keys, key)), "reference": reference,
-                     "reference_steps": "same" if reference_steps is None else reference_steps,
+        rows.append({**dict(zip(KEYS, key)), "reference": reference,
+                     "reference_protocol": "same" if reference_protocol is None
+                     else f"{reference_protocol[0]} steps at lr {reference_protocol[1]:g}",
                      "d_auc_mean": float(d.mean()) if d.size else float("nan"),
                      "d_auc_seed_std": float(seed_means.std(ddof=1)) if len(seed_means) > 1 else float("nan"),
                      "d_auc_pair_std": float(d.std(ddof=1)) if d.size > 1 else float("nan"),
@@ -370,6 +432,10 @@ def _eps_order(e: str) -> float:
     return INF if e == "inf" else float(e)
 
 
+def _eps_cell(e: str) -> str:
+    return "∞ (no DP)" if e == "inf" else e
+
+
 def _fmt_d(row) -> str:
     if row is None:
         return ""
@@ -377,10 +443,45 @@ def _fmt_d(row) -> str:
             f" {100 * row.d_auc_share_positive:.0f}%")
 
 
-def render_markdown(exp: Experiment, summary, pair_local, pair_fedavg, runs, command: str,
-                    pair_local_fixed=None) -> str:
-    import pandas as pd
+def _lookup(df, **kw):
+    if df is None or df.empty:
+        return None
+    sel = df
+    for k, v in kw.items():
+        sel = sel[sel[k] == v]
+    return None if sel.empty else sel.iloc[0]
 
+
+def _choices(tuned, **kw) -> str:
+    """The tuned protocol's choices for one cell: the most frequent 'steps @ lr' over (seed, hospital)."""
+    if tuned is None or tuned.empty:
+        return ""
+    sel = tuned
+    for k, v in kw.items():
+        sel = sel[sel[k] == v]
+    picks = sel.drop_duplicates(["seed", "hospital"])
+    if picks.empty:
+        return ""
+    counts = picks.apply(lambda r: f"{int(r.chosen_steps)} @ {r.chosen_lr:g}", axis=1).value_counts()
+    return f"{counts.index[0]} ({counts.iloc[0]}/{len(picks)})"
+
+
+def _protocols(exp: Experiment, summary) -> list[tuple[str, int, float, str]]:
+    """(name, steps, lr, description) of the protocols present: tuned (if any) first, then fixed."""
+    h = exp.headline
+    out = []
+    if (summary.steps == TUNED_STEPS).any():
+        grid = (f"{len(exp.adapt_steps)} step counts {list(exp.adapt_steps)} × {len(exp.adapt_lrs)} learning rates "
+                f"{[float(f'{v:g}') for v in exp.adapt_lrs]}")
+        out.append(("tuned", TUNED_STEPS, TUNED_LR,
+                    f"steps and lr chosen per hospital on the *other* held-out hospitals of the seed, from {grid}"))
+    out.append(("fixed", h["adapt-steps"], h["adapt-lr"],
+                f"{h['adapt-steps']} SGD steps at lr {h['adapt-lr']:g}, fixed before any result was seen"))
+    return out
+
+
+def render_markdown(exp: Experiment, summary, pair_local, pair_fedavg, runs, command: str,
+                    pair_local_fixed=None, tuned=None) -> str:
     h = exp.headline
     lines = [f"# Experiment `{exp.name}`", "",
              f"Command: `{command}`", "",
@@ -388,70 +489,65 @@ def render_markdown(exp: Experiment, summary, pair_local, pair_fedavg, runs, com
              "held-out hospital (the same draws for every method); every cell is mean ± std over seeds of the "
              "per-seed mean over held-out hospitals and draws. AUC is the headline (support sets are class-balanced, "
              "test sets are not, so accuracy mostly measures the threshold).", "",
-             "ΔAUC columns: paired difference on the same (seed, hospital, draw): mean ± std over seeds "
-             "[95% interval over pairs, normal approximation; pairs within a seed share one initialisation, so it is "
-             "optimistic] and the share of pairs where the method wins.", ""]
-
-    def lookup(df, **kw):
-        if df is None or df.empty:
-            return None
-        sel = df
-        for k, v in kw.items():
-            sel = sel[sel[k] == v]
-        return None if sel.empty else sel.iloc[0]
-
+             "Adaptation protocols: **tuned**: each held-out hospital adapts with the (steps, lr) of the grid that "
+             "gave the best mean AUC at the *other* held-out hospitals of the same seed (leave one hospital out; "
+             "chosen per method, ε and K; the hospital scored never takes part in its own choice); **fixed**: "
+             f"{h['adapt-steps']} steps at lr {h['adapt-lr']:g} for every method (chosen before any result was seen).",
+             "",
+             "ΔAUC columns: paired difference on the same (seed, hospital, draw), both sides under the same protocol: "
+             "mean ± std over seeds [95% interval over pairs, normal approximation; pairs within a seed share one "
+             "initialisation, so it is optimistic] and the share of pairs where the method wins.", ""]
     methods = [m.name for m in exp.methods]
+    protocols = _protocols(exp, summary)
     for ds in exp.datasets:
-        sel = summary[(summary.dataset == ds) & (summary.shots == h["shots"]) & (summary.steps == h["adapt-steps"])
-                      & (summary.dirichlet_alpha == h["dirichlet-alpha"])]
-        lines += [f"## {ds}: headline (K={h['shots']} per class, {h['adapt-steps']} adaptation steps, "
-                  f"dirichlet-alpha={h['dirichlet-alpha']:g})", "",
-                  "| method | ε | AUC | accuracy | ΔAUC vs local-only | ΔAUC vs FedAvg (same ε) | ε spent (max) | train s |",
-                  "|---|---|---|---|---|---|---|---|"]
+        at = {"dataset": ds, "shots": h["shots"], "dirichlet_alpha": h["dirichlet-alpha"]}
+        for pname, psteps, plr, pdesc in protocols:
+            sel = summary[(summary.dataset == ds) & (summary.shots == h["shots"]) & (summary.steps == psteps)
+                          & (summary.adapt_lr == plr) & (summary.dirichlet_alpha == h["dirichlet-alpha"])]
+            tuned_col = pname == "tuned"
+            lines += [f"## {ds}: headline, {pname} adaptation (K={h['shots']} per class, "
+                      f"dirichlet-alpha={h['dirichlet-alpha']:g})", "", f"Adaptation: {pdesc}.", "",
+                      "| method | ε | AUC | accuracy | ΔAUC vs local-only | ΔAUC vs FedAvg (same ε) | ε spent (max) | "
+                      "train s |" + (" chosen steps @ lr (most frequent) |" if tuned_col else ""),
+                      "|---|---|---|---|---|---|---|---|" + ("---|" if tuned_col else "")]
+            for m in methods:
+                for e in sorted(sel[sel.method == m].epsilon.unique(), key=_eps_order):
+                    r = _lookup(sel, method=m, epsilon=e)
+                    pl = _lookup(pair_local, **at, method=m, epsilon=e, steps=psteps, adapt_lr=plr)
+                    pf = _lookup(pair_fedavg, **at, method=m, epsilon=e, steps=psteps, adapt_lr=plr)
+                    rr = runs[(runs.dataset == ds) & (runs.method == m) & (runs.epsilon == e)
+                              & (runs.dirichlet_alpha == h["dirichlet-alpha"])]
+                    spent = f"{rr.max_epsilon_spent.max():.2f}" if e != "inf" else "–"
+                    lines.append(f"| {m} | {_eps_cell(e)} | {r.auc_mean:.3f} ± {r.auc_std:.3f} | "
+                                 f"{r.acc_mean:.3f} ± {r.acc_std:.3f} | {_fmt_d(pl)} | {_fmt_d(pf)} | {spent} | "
+                                 f"{rr.train_seconds.mean():.0f} |"
+                                 + (f" {_choices(tuned, **at, method=m, epsilon=e)} |" if tuned_col else ""))
+            lines.append("")
         no_adapt = []
         for m in methods:
-            for e in sorted(sel[sel.method == m].epsilon.unique(), key=_eps_order):
-                r = lookup(sel, method=m, epsilon=e)
-                pl = lookup(pair_local, dataset=ds, method=m, epsilon=e, shots=h["shots"], steps=h["adapt-steps"],
-                            dirichlet_alpha=h["dirichlet-alpha"])
-                pf = lookup(pair_fedavg, dataset=ds, method=m, epsilon=e, shots=h["shots"], steps=h["adapt-steps"],
-                            dirichlet_alpha=h["dirichlet-alpha"])
-                rr = runs[(runs.dataset == ds) & (runs.method == m) & (runs.epsilon == e)
-                          & (runs.dirichlet_alpha == h["dirichlet-alpha"])]
-                spent = f"{rr.max_epsilon_spent.max():.2f}" if e != "inf" else "–"
-                lines.append(f"| {m} | {'∞ (no DP)' if e == 'inf' else e} | {r.auc_mean:.3f} ± {r.auc_std:.3f} | "
-                             f"{r.acc_mean:.3f} ± {r.acc_std:.3f} | {_fmt_d(pl)} | {_fmt_d(pf)} | {spent} | "
-                             f"{rr.train_seconds.mean():.0f} |")
-                r0 = lookup(summary, dataset=ds, method=m, epsilon=e, shots=h["shots"], steps=0,
-                            dirichlet_alpha=h["dirichlet-alpha"])
-                p0 = lookup(pair_local_fixed, dataset=ds, method=m, epsilon=e, shots=h["shots"], steps=0,
-                            dirichlet_alpha=h["dirichlet-alpha"])
+            for e in sorted(summary[(summary.dataset == ds) & (summary.method == m)].epsilon.unique(), key=_eps_order):
+                r0 = _lookup(summary, **at, method=m, epsilon=e, steps=0, adapt_lr=h["adapt-lr"])
+                p0 = _lookup(pair_local_fixed, **at, method=m, epsilon=e, steps=0, adapt_lr=h["adapt-lr"])
                 if r0 is not None and m not in ("local", "local-adam"):
-                    no_adapt.append(f"| {m} | {'∞ (no DP)' if e == 'inf' else e} | {r0.auc_mean:.3f} ± {r0.auc_std:.3f} | "
+                    no_adapt.append(f"| {m} | {_eps_cell(e)} | {r0.auc_mean:.3f} ± {r0.auc_std:.3f} | "
                                     f"{r0.acc_mean:.3f} ± {r0.acc_std:.3f} | {_fmt_d(p0)} |")
-        lines.append("")
         if no_adapt:
             lines += [f"### {ds}: the initialisation used as is (0 adaptation steps), against local-only after "
-                      f"{h['adapt-steps']} steps", "",
-                      "| method | ε | AUC | accuracy | ΔAUC vs local-only (after adaptation) |", "|---|---|---|---|---|",
+                      f"{h['adapt-steps']} steps at lr {h['adapt-lr']:g}", "",
+                      "| method | ε | AUC | accuracy | ΔAUC vs local-only (fixed protocol) |", "|---|---|---|---|---|",
                       *no_adapt, ""]
-        # pivot: method x epsilon (AUC)
-        eps_all = sorted(sel.epsilon.unique(), key=_eps_order)
-        lines += [f"### {ds}: AUC, method × ε", "", "| method | " + " | ".join(f"ε={e}" for e in eps_all) + " |",
-                  "|---|" + "---|" * len(eps_all)]
-        for m in methods:
-            cells = []
-            for e in eps_all:
-                r = lookup(sel, method=m, epsilon=e)
-                cells.append("" if r is None else f"{r.auc_mean:.3f} ± {r.auc_std:.3f}")
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        lines.append("")
-        for axis, label, fixed in (("shots", "K (shots per class)", {"steps": h["adapt-steps"],
-                                                                     "dirichlet_alpha": h["dirichlet-alpha"]}),
-                                   ("steps", "adaptation steps", {"shots": h["shots"],
-                                                                  "dirichlet_alpha": h["dirichlet-alpha"]}),
-                                   ("dirichlet_alpha", "dirichlet-alpha (label skew)", {"shots": h["shots"],
-                                                                                        "steps": h["adapt-steps"]})):
+        for pname, psteps, plr, _ in protocols:
+            sel = summary[(summary.dataset == ds) & (summary.shots == h["shots"]) & (summary.steps == psteps)
+                          & (summary.adapt_lr == plr) & (summary.dirichlet_alpha == h["dirichlet-alpha"])]
+            eps_all = sorted(sel.epsilon.unique(), key=_eps_order)
+            lines += [f"### {ds}: AUC, method × ε ({pname} adaptation)", "",
+                      "| method | " + " | ".join(f"ε={e}" for e in eps_all) + " |", "|---|" + "---|" * len(eps_all)]
+            for m in methods:
+                cells = [(lambda r: "" if r is None else f"{r.auc_mean:.3f} ± {r.auc_std:.3f}")(
+                    _lookup(sel, method=m, epsilon=e)) for e in eps_all]
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines.append("")
+        for axis, label, fixed in _axes(exp, summary):
             sub = summary[summary.dataset == ds]
             for k, v in fixed.items():
                 sub = sub[sub[k] == v]
@@ -461,15 +557,29 @@ def render_markdown(exp: Experiment, summary, pair_local, pair_fedavg, runs, com
             lines += [f"### {ds}: AUC against {label}", "",
                       "| method | ε | " + " | ".join(f"{v:g}" for v in values) + " |", "|---|---|" + "---|" * len(values)]
             for (m, e), grp in sub.groupby(["method", "epsilon"], sort=False):
-                cells = []
-                for v in values:
-                    r = lookup(grp, **{axis: v})
-                    cells.append("" if r is None else f"{r.auc_mean:.3f} ± {r.auc_std:.3f}")
+                cells = [(lambda r: "" if r is None else f"{r.auc_mean:.3f} ± {r.auc_std:.3f}")(_lookup(grp, **{axis: v}))
+                         for v in values]
                 lines.append(f"| {m} | {e} | " + " | ".join(cells) + " |")
             lines.append("")
-    lines += ["## Training runs", "", "See `runs.csv` (one row per trained initialisation: wall seconds, ε spent, "
-              "noise multipliers, rounds declined, centralised best epoch).", ""]
+    lines += ["## Files", "", "`runs.csv`: one row per trained initialisation (wall seconds, ε spent, noise "
+              "multipliers, rounds declined, centralised best epoch). `draws.csv`: every (seed, hospital, draw, K, "
+              "steps, lr) score. `tuned.csv`: the tuned protocol's rows and the (steps, lr) chosen for each. "
+              "`summary.csv` / `paired.csv`: the tables above (tuned protocol = `steps -1, adapt_lr 0`).", ""]
     return "\n".join(lines)
+
+
+def _axes(exp: Experiment, summary) -> list[tuple[str, str, dict[str, Any]]]:
+    """The sweep axes shown: K and skew under the first protocol (tuned if present), steps at each lr."""
+    h = exp.headline
+    name, psteps, plr, _ = _protocols(exp, summary)[0]
+    axes = [("shots", f"K (shots per class), {name} adaptation",
+             {"steps": psteps, "adapt_lr": plr, "dirichlet_alpha": h["dirichlet-alpha"]})]
+    axes += [("steps", f"adaptation steps at lr {lr:g}", {"shots": h["shots"], "adapt_lr": lr,
+                                                          "dirichlet_alpha": h["dirichlet-alpha"]})
+             for lr in exp.adapt_lrs]
+    axes.append(("dirichlet_alpha", f"dirichlet-alpha (label skew), {name} adaptation",
+                 {"shots": h["shots"], "steps": psteps, "adapt_lr": plr}))
+    return axes
 
 
 def _save_figure(fig, path: Path) -> Path:
@@ -491,29 +601,32 @@ def plot(exp: Experiment, summary, out: Path) -> list[Path]:
     paths = []
     for ds in exp.datasets:
         base = summary[(summary.dataset == ds)]
-        # AUC against epsilon
-        sel = base[(base.shots == h["shots"]) & (base.steps == h["adapt-steps"]) & (base.dirichlet_alpha == h["dirichlet-alpha"])]
-        eps_all = sorted(sel.epsilon.unique(), key=_eps_order)
-        xpos = {e: i for i, e in enumerate(eps_all)}
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        for m in [m.name for m in exp.methods]:
-            g = sel[sel.method == m].copy()
-            if g.empty:
-                continue
-            g = g.sort_values("epsilon", key=lambda s: s.map(_eps_order))
-            if len(g) == 1 and g.epsilon.iloc[0] == "inf" and m in ("centralised", "local", "local-adam"):
-                ax.axhline(g.auc_mean.iloc[0], ls="--", lw=1, label=f"{m} (no DP)", color="k" if m == "centralised" else None)
-                continue
-            ax.errorbar([xpos[e] for e in g.epsilon], g.auc_mean, yerr=g.auc_std.fillna(0), marker="o", capsize=3, label=m)
-        ax.set_xticks(range(len(eps_all)), [("∞" if e == "inf" else e) for e in eps_all])
-        ax.set_xlabel("ε per hospital (δ = 1e-5)")
-        ax.set_ylabel("AUC at held-out hospitals after adaptation")
-        ax.set_title(f"{ds}: K={h['shots']}, {h['adapt-steps']} steps (mean ± std over seeds)")
-        ax.legend(fontsize=7)
-        paths.append(_save_figure(fig, out / f"{ds}_auc_vs_epsilon.png"))
-        for axis, fixed in (("shots", {"steps": h["adapt-steps"], "dirichlet_alpha": h["dirichlet-alpha"]}),
-                            ("steps", {"shots": h["shots"], "dirichlet_alpha": h["dirichlet-alpha"]}),
-                            ("dirichlet_alpha", {"shots": h["shots"], "steps": h["adapt-steps"]})):
+        for pname, psteps, plr, _ in _protocols(exp, summary):
+            sel = base[(base.shots == h["shots"]) & (base.steps == psteps) & (base.adapt_lr == plr)
+                       & (base.dirichlet_alpha == h["dirichlet-alpha"])]
+            eps_all = sorted(sel.epsilon.unique(), key=_eps_order)
+            xpos = {e: i for i, e in enumerate(eps_all)}
+            fig, ax = plt.subplots(figsize=(6.5, 4))
+            for m in [m.name for m in exp.methods]:
+                g = sel[sel.method == m].copy()
+                if g.empty:
+                    continue
+                g = g.sort_values("epsilon", key=lambda s: s.map(_eps_order))
+                if len(g) == 1 and g.epsilon.iloc[0] == "inf" and m in ("centralised", "local", "local-adam"):
+                    ax.axhline(g.auc_mean.iloc[0], ls="--", lw=1, label=f"{m} (no DP)",
+                               color="k" if m == "centralised" else None)
+                    continue
+                ax.errorbar([xpos[e] for e in g.epsilon], g.auc_mean, yerr=g.auc_std.fillna(0), marker="o", capsize=3,
+                            label=m)
+            ax.set_xticks(range(len(eps_all)), [("∞" if e == "inf" else e) for e in eps_all])
+            ax.set_xlabel("ε per hospital (δ = 1e-5)")
+            ax.set_ylabel("AUC at held-out hospitals after adaptation")
+            what = "steps and lr chosen on other hospitals" if pname == "tuned" else f"{psteps} steps at lr {plr:g}"
+            ax.set_title(f"{ds}: K={h['shots']}, {what}", fontsize=9)
+            ax.legend(fontsize=7)
+            suffix = "_tuned" if pname == "tuned" else ""
+            paths.append(_save_figure(fig, out / f"{ds}_auc_vs_epsilon{suffix}.png"))
+        for axis, label, fixed in _axes(exp, summary):
             sub = base
             for k, v in fixed.items():
                 sub = sub[sub[k] == v]
@@ -528,9 +641,10 @@ def plot(exp: Experiment, summary, out: Path) -> list[Path]:
                 ax.set_xscale("log")
             ax.set_xlabel(axis)
             ax.set_ylabel("AUC at held-out hospitals")
-            ax.set_title(f"{ds}: AUC against {axis}")
+            ax.set_title(f"{ds}: AUC against {label}", fontsize=9)
             ax.legend(fontsize=7)
-            paths.append(_save_figure(fig, out / f"{ds}_auc_vs_{axis}.png"))
+            suffix = f"_lr{fixed['adapt_lr']:g}" if axis == "steps" and len(exp.adapt_lrs) > 1 else ""
+            paths.append(_save_figure(fig, out / f"{ds}_auc_vs_{axis}{suffix}.png"))
     return paths
 
 
@@ -540,21 +654,26 @@ def write_outputs(exp: Experiment, draw_rows, run_rows, out: Path, command: str,
     out.mkdir(parents=True, exist_ok=True)
     draws = pd.DataFrame(draw_rows, columns=DRAW_COLUMNS)
     runs = pd.DataFrame(run_rows)
-    summary = summarise(draws, exp)
-    pair_local = paired(draws, "local", same_epsilon=False)
-    pair_local_fixed = paired(draws, "local", same_epsilon=False, reference_steps=exp.headline["adapt-steps"])
+    tuned = select_protocol(draws)
+    both = pd.concat([draws, tuned[DRAW_COLUMNS]], ignore_index=True) if not tuned.empty else draws
+    summary = summarise(both, exp)
+    pair_local = paired(both, "local", same_epsilon=False)
+    pair_local_fixed = paired(draws, "local", same_epsilon=False,
+                              reference_protocol=(exp.headline["adapt-steps"], exp.headline["adapt-lr"]))
     fed = [m.name for m in exp.methods if m.algorithm == "fedavg"]
-    pair_fedavg = paired(draws, fed[0], same_epsilon=True) if fed else pd.DataFrame()
+    pair_fedavg = paired(both, fed[0], same_epsilon=True) if fed else pd.DataFrame()
     files = {"config": out / "config.toml", "command": out / "command.txt", "draws": out / "draws.csv",
-             "runs": out / "runs.csv", "summary": out / "summary.csv", "paired": out / "paired.csv",
-             "markdown": out / "results.md"}
+             "tuned": out / "tuned.csv", "runs": out / "runs.csv", "summary": out / "summary.csv",
+             "paired": out / "paired.csv", "markdown": out / "results.md"}
     files["config"].write_text(config_text)
     files["command"].write_text(command + "\n")
     draws.to_csv(files["draws"], index=False, float_format="%.10g")
+    tuned.to_csv(files["tuned"], index=False, float_format="%.10g")
     runs.to_csv(files["runs"], index=False)
     summary.to_csv(files["summary"], index=False, float_format="%.6g")
     pd.concat([pair_local, pair_fedavg, pair_local_fixed]).to_csv(files["paired"], index=False, float_format="%.6g")
-    files["markdown"].write_text(render_markdown(exp, summary, pair_local, pair_fedavg, runs, command, pair_local_fixed))
+    files["markdown"].write_text(render_markdown(exp, summary, pair_local, pair_fedavg, runs, command, pair_local_fixed,
+                                                 tuned))
     for i, p in enumerate(plot(exp, summary, out)):
         files[f"plot{i}"] = p
     return files
