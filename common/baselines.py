@@ -8,9 +8,8 @@ the *same* protocol on the *same* K-shot support draws:
   draw), never on the method, so methods are compared paired.
 - `finetune_curve`: full-batch SGD at ``lr`` from theta (the arithmetic of `common.maml.finetune`,
   which `common.hospital.adapt_and_score` uses), scored on the query set at several step counts
-  along one trajectory (0 = no adaptation); `finetune_curves` runs the same arithmetic for many
-  (support draw, learning rate) pairs at once (``torch.func.vmap`` over the pairs), which is what
-  the experiments use to sweep the adaptation protocol.
+  along one trajectory (0 = no adaptation); `finetune_curves` does it for several support draws
+  and learning rates (what the experiments use to sweep the adaptation protocol).
 
 Baselines producing a theta:
 
@@ -31,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from common import data as D
 from common.maml import Params, Scores, evaluate, forward, plain_gradient_fn
@@ -104,45 +102,25 @@ def finetune_curves(
     checkpoints: Sequence[int],
     num_classes: int,
 ) -> dict[tuple[int, float, int], Scores]:
-    """`finetune_curve` for every (support i, lr) pair at once: ``{(i, lr, steps): Scores}``.
+    """`finetune_curve` for every (support set i, lr): ``{(i, lr, steps): Scores}``.
 
-    All support sets must have the same shape (K-shot draws of one site do). The fine-tunings are
-    independent (each its own copy of theta, its own support set and lr) and run as one vmapped
-    gradient per step; step 0 is scored once per support set (it does not depend on lr).
+    Step 0 (theta itself) does not depend on lr and is scored once per support set. (Running the
+    pairs as one ``vmap`` over parameter copies was measured slower on CPU than this loop: the
+    convolutions become grouped convolutions.)
     """
     steps = sorted(set(int(c) for c in checkpoints))
     if not steps or steps[0] < 0:
         raise ValueError(f"checkpoints must be non-negative step counts, got {checkpoints}")
     if len(supports) != len(queries) or not supports or not lrs:
         raise ValueError("need one query per support set, at least one support set and one lr")
-    if len({tuple(x.shape) for x, _ in supports}) != 1:
-        raise ValueError(f"support sets differ in shape: {sorted({tuple(x.shape) for x, _ in supports})}")
-    pairs = [(i, float(lr)) for lr in lrs for i in range(len(supports))]
-    xs = torch.stack([supports[i][0] for i, _ in pairs])
-    ys = torch.stack([supports[i][1] for i, _ in pairs])
-    rate = torch.tensor([lr for _, lr in pairs], dtype=torch.float32)
-
-    def loss(p: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(functional_call(model, p, (x,)), y)
-
-    step_all = vmap(grad(loss), in_dims=(0, 0, 0))
-    phi = {k: v.detach().unsqueeze(0).expand(len(pairs), *v.shape).clone() for k, v in params.items()}
     scores: dict[tuple[int, float, int], Scores] = {}
-    done = 0
-    for target in steps:
-        while done < target:
-            g = step_all(phi, xs, ys)
-            phi = {k: (phi[k] - rate.view(-1, *[1] * (phi[k].dim() - 1)) * g[k]).detach() for k in phi}
-            done += 1
-        if target == 0:
-            for i, q in enumerate(queries):
-                sc = evaluate(model, params, q[0], q[1], num_classes=num_classes)
-                for lr in lrs:
-                    scores[(i, float(lr), 0)] = sc
-            continue
-        for j, (i, lr) in enumerate(pairs):
-            scores[(i, lr, target)] = evaluate(model, {k: v[j] for k, v in phi.items()}, queries[i][0], queries[i][1],
-                                               num_classes=num_classes)
+    for i, (sup, qry) in enumerate(zip(supports, queries)):
+        for j, lr in enumerate(lrs):
+            todo = steps if j == 0 else [st for st in steps if st > 0] or [0]
+            curve = finetune_curve(model, params, sup, qry, lr=float(lr), checkpoints=todo, num_classes=num_classes)
+            if j > 0 and 0 in steps:
+                curve[0] = scores[(i, float(lrs[0]), 0)]
+            scores.update({(i, float(lr), st): sc for st, sc in curve.items() if st in steps})
     return scores
 
 

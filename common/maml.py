@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -54,11 +53,11 @@ def mean_gradient(
 # Per-sample-gradient engines; `per_sample_gradients` is the one place that chooses between them.
 # All three give the same per-record gradients (to float rounding, tested); they differ only in speed.
 # The default was chosen by measurement (`python -m simulations.benchmark`: per call and per DP
-# round, interleaved): on this 56k-parameter CNN at batch ~16 on 2 shared cores no engine was
-# consistently faster (each within about +-10% of vmap, and the order changed between runs), so
-# the original vmap engine stays the default; see docs/results/README.md.
-PER_SAMPLE_ENGINES = ("vmap", "ew", "hooks")
-DEFAULT_PER_SAMPLE_ENGINE = "vmap"
+# round, interleaved, every engine on the same batches): on this 56k-parameter CNN at batch ~16
+# the closed-form ``layers`` engine was the fastest (about 1.4x a plain gradient per call, against
+# 1.7-1.8x for vmap, ew and Opacus' hooks); see docs/results/benchmark/benchmark.json.
+PER_SAMPLE_ENGINES = ("vmap", "ew", "hooks", "layers")
+DEFAULT_PER_SAMPLE_ENGINE = "layers"
 
 
 def per_sample_gradients(
@@ -67,9 +66,11 @@ def per_sample_gradients(
     """Per-record gradients ``{name: (B, *shape)}`` and per-record losses ``(B,)``.
 
     Engines: ``vmap`` (``torch.func.vmap(grad(...))``, each record run as a batch of one),
-    ``ew`` (PyTorch's ExpandedWeights, what Opacus' ``grad_sample_mode="ew"`` uses) and ``hooks``
-    (Opacus' `GradSampleModule`). Nothing mixes records (GroupNorm normalises within a sample),
-    so all three compute the same quantity. An empty batch gives empty leading dimensions.
+    ``ew`` (PyTorch's ExpandedWeights, what Opacus' ``grad_sample_mode="ew"`` uses), ``hooks``
+    (Opacus' `GradSampleModule`) and ``layers`` (`common.per_sample`: one batched backward to
+    each layer's output, then closed-form per-record parameter gradients). Nothing mixes records
+    (GroupNorm normalises within a sample), so all compute the same quantity. An empty batch
+    gives empty leading dimensions.
     """
     engine = engine or DEFAULT_PER_SAMPLE_ENGINE
     if engine not in PER_SAMPLE_ENGINES:
@@ -79,6 +80,10 @@ def per_sample_gradients(
         return {k: v.new_zeros((0, *v.shape)) for k, v in detached.items()}, x.new_zeros((0,))
     if engine == "vmap":
         return _per_sample_vmap(model, detached, x, y)
+    if engine == "layers":
+        from common.per_sample import per_sample_by_layers
+
+        return per_sample_by_layers(_engine_copy(model, engine), detached, x, y)
     return _per_sample_module(model, detached, x, y, engine)
 
 
@@ -91,21 +96,23 @@ def _per_sample_vmap(model: nn.Module, params: Params, x: torch.Tensor, y: torch
     return grads, losses
 
 
-# One private copy of each model per engine, whose parameters are overwritten with `params` per call
-# (the caller's model is never mutated).
-_ENGINE_COPIES: "weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]]" = weakref.WeakKeyDictionary()
+# One private copy of each model architecture per engine, whose parameters are overwritten with (or,
+# for ``layers``, replaced by) `params` per call: the caller's model is never mutated, and models
+# built afresh for every round (same architecture) share one copy instead of a deepcopy per call.
+_ENGINE_COPIES: dict[tuple[str, str], nn.Module] = {}
 
 
 def _engine_copy(model: nn.Module, engine: str) -> nn.Module:
-    copies = _ENGINE_COPIES.setdefault(model, {})
-    if engine not in copies:
+    key = (engine, f"{type(model).__module__}.{type(model).__qualname__}:{model!r}:"
+                   f"{[(n, tuple(p.shape)) for n, p in model.named_parameters()]}")
+    if key not in _ENGINE_COPIES:
         twin = copy.deepcopy(model)
         if engine == "hooks":
             from opacus import GradSampleModule
 
             twin = GradSampleModule(twin, loss_reduction="sum")
-        copies[engine] = twin
-    return copies[engine]
+        _ENGINE_COPIES[key] = twin
+    return _ENGINE_COPIES[key]
 
 
 def _per_sample_module(

@@ -97,7 +97,7 @@ def test_quick_experiment_writes_tables_of_the_expected_shape(medmnist_dir, tmp_
 
 
 def test_batched_fine_tuning_equals_one_at_a_time() -> None:
-    """finetune_curves (vmapped over support draws x lrs) gives finetune_curve's scores for every pair."""
+    """finetune_curves (support draws x lrs, step 0 shared) gives finetune_curve's scores for every pair."""
     import torch
 
     from common.baselines import finetune_curve, finetune_curves, random_init
