@@ -29,10 +29,9 @@ from common import protocol as P
 from common.config import Config, load_config
 from common.data import held_out_hospitals
 from common.hospital import (
-    Site, adapt_and_score, check_privacy_budget, load_site, load_site_from_folder, new_model, noise_multiplier_for,
+    Site, adapt_and_score, check_privacy_budget, load_site, load_site_from_folder, noise_multiplier_for, param_shapes,
     train_round,
 )
-from common.model import get_params
 from common.privacy import PrivacyError, PrivacyLedger
 
 NOISE_STATE = "noise-calibration"  # context.state: the calibrated noise multiplier, computed once per run
@@ -86,9 +85,9 @@ def _with_noise_multiplier(cfg: Config, context: Context, num_records: int) -> C
 
 def _theta(msg: Message, site: Site, cfg: Config) -> dict[str, torch.Tensor]:
     """The global initialisation from the message, checked against this hospital's model."""
-    expected = get_params(new_model(cfg, site.info))
+    expected = dict(param_shapes(site.info))
     received = msg.content[P.ARRAYS].to_torch_state_dict()
-    if set(received) != set(expected) or any(received[k].shape != expected[k].shape for k in expected):
+    if set(received) != set(expected) or any(tuple(received[k].shape) != expected[k] for k in expected):
         raise ValueError("the global model's arrays do not match this hospital's model "
                          "(different dataset, image size or code version?)")
     return {k: received[k].float() for k in expected}

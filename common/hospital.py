@@ -83,6 +83,17 @@ def new_model(cfg: Config, info: D.DatasetInfo) -> SmallCNN:
     return build_model(in_channels=info.n_channels, num_classes=info.n_classes, seed=cfg.seed)
 
 
+def param_shapes(info: D.DatasetInfo) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(name, shape) of the model's parameters for a dataset, in order (built once per process)."""
+    return _param_shapes(info.n_channels, info.n_classes)
+
+
+@functools.lru_cache(maxsize=32)
+def _param_shapes(in_channels: int, num_classes: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    model = build_model(in_channels=in_channels, num_classes=num_classes, seed=0)
+    return tuple((k, tuple(p.shape)) for k, p in model.named_parameters())
+
+
 def gradient_steps_per_round(cfg: Config) -> int:
     """Gradients computed from records per round: the inner steps, plus the query step for (FO)MAML."""
     return cfg.inner_steps + (1 if cfg.algorithm in ("maml", "fomaml") else 0)

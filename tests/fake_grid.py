@@ -37,6 +37,7 @@ class InProcessGrid:
         self.hook: Hook | None = None
         self.sent: list[tuple[str, int, int]] = []  # (message type, node, server round or 0)
         self.crash_before: Callable[[Message], bool] | None = None
+        self.inbox: list[Message] = []  # replies not pulled yet
 
     def _context(self, node: int, node_config: dict[str, Any]) -> Context:
         return Context(run_id=self.run_id, node_id=node, node_config=dict(node_config), state=RecordDict(),
@@ -49,14 +50,16 @@ class InProcessGrid:
     def get_node_ids(self) -> Iterable[int]:
         return [n for n in self.contexts if n not in self.offline]
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Deliver each message to its node's real ClientApp now; its reply waits for `pull_messages`."""
         messages = list(messages)
-        replies = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = msg.object_id  # what the real grid does on push
+        ids = []
         for msg in messages:
             if self.crash_before is not None and self.crash_before(msg):
                 raise ServerCrash(f"server killed before sending {msg.metadata.message_type}")
+            ids.append(msg.metadata.message_id)
             node = msg.metadata.dst_node_id
             rnd = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
             self.sent.append((msg.metadata.message_type, node, rnd))
@@ -71,6 +74,15 @@ class InProcessGrid:
             if self.hook is not None:
                 reply = self.hook(msg, node, reply)
             if reply is not None:
-                replies.append(reply)
+                self.inbox.append(reply)
         TaskIdentity.node_id = 0
-        return replies
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        wanted = set(message_ids)
+        out = [r for r in self.inbox if r.metadata.reply_to_message_id in wanted]
+        self.inbox = [r for r in self.inbox if r.metadata.reply_to_message_id not in wanted]
+        return out
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))

@@ -124,10 +124,10 @@ def test_every_malformed_reply_is_rejected_with_its_reason_and_never_reaches_the
                 hook.extra.extend((msg, node, garbage(k)(grads, metrics)) for k in kinds)
                 return reply
             hook.extra = []
-            original = grid.send_and_receive
+            original = grid.pull_messages
 
-            def send_and_receive(messages, *, timeout=None):
-                replies = original(messages, timeout=timeout)
+            def pull_messages(message_ids):
+                replies = original(message_ids)
                 for msg, node, (g, m) in hook.extra:
                     TaskIdentity.node_id = node
                     content = RecordDict({P.METRICS: MetricRecord(m)})
@@ -137,7 +137,7 @@ def test_every_malformed_reply_is_rejected_with_its_reason_and_never_reaches_the
                 hook.extra.clear()
                 return replies
             grid.hook = hook
-            grid.send_and_receive = send_and_receive
+            grid.pull_messages = pull_messages
         return run_federation(grid, load_config(rc)), grid
 
     clean, _ = run(False)
@@ -631,3 +631,41 @@ def test_deployed_server_killed_mid_run_resumes_to_the_same_number_of_rounds(loc
     assert summary["resumed"][0]["after_round"] == saved.round
     assert summary["rounds"][: saved.round] == at_crash["rounds"]  # nothing written before the crash was lost
     assert load_checkpoint(ckpt_dir).round == 3
+
+
+def test_exchange_collects_late_replies_and_gives_up_at_the_timeout() -> None:
+    """server.app.exchange: replies that arrive over several pulls are all returned; a node that never
+    answers costs the timeout, not more; nothing is pulled twice."""
+    import time as _time
+    from types import SimpleNamespace
+
+    from server.app import exchange
+
+    class SlowGrid:
+        def __init__(self) -> None:
+            self.t0 = 0.0
+            self.pulls = 0
+            self.delivered: set[str] = set()
+
+        def push_messages(self, messages):
+            self.t0 = _time.monotonic()
+            return [m for m in messages]
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            ready = {"a": 0.0, "b": 0.2}  # "c" never answers
+            now = _time.monotonic() - self.t0
+            out = [i for i in ids if i in ready and now >= ready[i] and i not in self.delivered]
+            self.delivered |= set(out)
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in out]
+
+    grid = SlowGrid()
+    t = _time.monotonic()
+    replies = exchange(grid, ["a", "b", "c"], timeout=0.6)
+    took = _time.monotonic() - t
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b"]
+    assert 0.6 <= took < 0.9 and grid.pulls > 3
+    grid2 = SlowGrid()
+    t = _time.monotonic()
+    assert len(exchange(grid2, ["a", "b"], timeout=30)) == 2
+    assert _time.monotonic() - t < 0.5  # returns when the last reply is in, not at the timeout
