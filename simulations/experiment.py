@@ -24,8 +24,8 @@ Protocol (the same for every method):
   any result was seen) and the *tuned* one: for each held-out hospital, the (steps, lr) of the grid
   with the best mean AUC at the **other** held-out hospitals of the same seed (leave one hospital
   out; the hospital being scored never takes part in choosing its own protocol), per method, epsilon
-  and K. In the CSV files the tuned protocol is ``steps = -1, adapt_lr = 0``; ``tuned.csv`` lists
-  the choices.
+  and K (the fixed protocol where the other hospitals have no AUC, i.e. hold a single class). In
+  the CSV files the tuned protocol is ``steps = -1, adapt_lr = 0``; ``tuned.csv`` lists the choices.
 - every table row: mean +- std over seeds of the per-seed mean over hospitals and draws.
 """
 
@@ -290,7 +290,7 @@ def evaluate_initialisation(method: Method, theta: dict, cfg: Any, held: Sequenc
     return rows
 
 
-def select_protocol(draws):
+def select_protocol(draws, fallback: tuple[int, float] | None = None):
     """The tuned protocol: each held-out hospital adapts with the (steps, lr) that did best elsewhere.
 
     For every (dataset, alpha, seed, method, epsilon, K) and every held-out hospital h, the grid point
@@ -298,7 +298,9 @@ def select_protocol(draws):
     equally, its draws averaged) is chosen; h's rows at that point are returned with
     ``steps = TUNED_STEPS, adapt_lr = TUNED_LR`` and the choice in ``chosen_steps``/``chosen_lr``.
     Ties go to fewer steps, then the smaller lr. Needs at least two held-out hospitals per seed
-    (otherwise nothing is returned).
+    (otherwise nothing is returned). When the other hospitals have no AUC at all (each holds a
+    single class), the hospital gets `fallback` (the fixed protocol) if given, else no tuned rows;
+    ``chosen_by`` says which happened.
     """
     import pandas as pd
 
@@ -312,13 +314,17 @@ def select_protocol(draws):
         for h in sites:
             score = by_site[[o for o in sites if o != h]].mean(axis=1)
             if score.isna().all():
-                continue
-            best_steps, best_lr = score.idxmax()
+                if fallback is None:
+                    continue
+                (best_steps, best_lr), how = fallback, "fixed protocol (no AUC at the other hospitals)"
+            else:
+                (best_steps, best_lr), how = score.idxmax(), "other held-out hospitals"
             rows = grp[(grp.hospital == h) & (grp.steps == best_steps) & (grp.adapt_lr == best_lr)].copy()
-            rows["chosen_steps"], rows["chosen_lr"] = best_steps, best_lr
+            rows["chosen_steps"], rows["chosen_lr"], rows["chosen_by"] = best_steps, best_lr, how
             rows["steps"], rows["adapt_lr"] = TUNED_STEPS, TUNED_LR
             out.append(rows)
-    return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=[*DRAW_COLUMNS, "chosen_steps", "chosen_lr"])
+    return (pd.concat(out, ignore_index=True) if out
+            else pd.DataFrame(columns=[*DRAW_COLUMNS, "chosen_steps", "chosen_lr", "chosen_by"]))
 
 
 def run_experiment(exp: Experiment, rc_base: Mapping[str, Any], *, cache: Path | None,
@@ -658,7 +664,7 @@ def write_outputs(exp: Experiment, draw_rows, run_rows, out: Path, command: str,
     out.mkdir(parents=True, exist_ok=True)
     draws = pd.DataFrame(draw_rows, columns=DRAW_COLUMNS)
     runs = pd.DataFrame(run_rows)
-    tuned = select_protocol(draws)
+    tuned = select_protocol(draws, fallback=(exp.headline["adapt-steps"], exp.headline["adapt-lr"]))
     both = pd.concat([draws, tuned[DRAW_COLUMNS]], ignore_index=True) if not tuned.empty else draws
     summary = summarise(both, exp)
     pair_local = paired(both, "local", same_epsilon=False)

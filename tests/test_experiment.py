@@ -145,5 +145,13 @@ def test_tuned_protocol_never_looks_at_the_hospital_it_scores() -> None:
     # ties go to fewer steps, then the smaller lr
     flat = pd.DataFrame(rows, columns=E.DRAW_COLUMNS).assign(auc=0.6)
     assert set(zip(E.select_protocol(flat).chosen_steps, E.select_protocol(flat).chosen_lr)) == {(0, 0.01)}
+    # other hospitals without any AUC (single-class test sets): the fallback (fixed protocol), said so
+    blind = pd.DataFrame(rows, columns=E.DRAW_COLUMNS)
+    blind.loc[blind.hospital != 1, "auc"] = float("nan")
+    picked = E.select_protocol(blind, fallback=(20, 0.1))
+    one = picked[picked.hospital == 1]
+    assert set(zip(one.chosen_steps, one.chosen_lr)) == {(20, 0.1)} and one.chosen_by.str.startswith("fixed").all()
+    assert (picked[picked.hospital != 1].chosen_by == "other held-out hospitals").all()
+    assert E.select_protocol(blind).hospital.tolist().count(1) == 0
     # one held-out hospital alone cannot be tuned without looking at itself: nothing is returned
     assert E.select_protocol(pd.DataFrame(rows, columns=E.DRAW_COLUMNS).query("hospital == 1")).empty
