@@ -113,14 +113,16 @@ def finetune_curves(
         raise ValueError(f"checkpoints must be non-negative step counts, got {checkpoints}")
     if len(supports) != len(queries) or not supports or not lrs:
         raise ValueError("need one query per support set, at least one support set and one lr")
+    moving = [st for st in steps if st > 0]
     scores: dict[tuple[int, float, int], Scores] = {}
     for i, (sup, qry) in enumerate(zip(supports, queries)):
-        for j, lr in enumerate(lrs):
-            todo = steps if j == 0 else [st for st in steps if st > 0] or [0]
-            curve = finetune_curve(model, params, sup, qry, lr=float(lr), checkpoints=todo, num_classes=num_classes)
-            if j > 0 and 0 in steps:
-                curve[0] = scores[(i, float(lrs[0]), 0)]
-            scores.update({(i, float(lr), st): sc for st, sc in curve.items() if st in steps})
+        at_theta = evaluate(model, params, *qry, num_classes=num_classes) if steps[0] == 0 else None
+        for lr in map(float, lrs):
+            curve = finetune_curve(model, params, sup, qry, lr=lr, checkpoints=moving,
+                                   num_classes=num_classes) if moving else {}
+            if at_theta is not None:
+                curve[0] = at_theta
+            scores.update({(i, lr, st): sc for st, sc in curve.items()})
     return scores
 
 

@@ -114,9 +114,10 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _system_default(key: str) -> Any:
+def _app_config() -> dict[str, Any]:
+    """The system defaults: `[tool.flwr.app.config]` of pyproject.toml."""
     with open(REPO_ROOT / "pyproject.toml", "rb") as fh:
-        return tomllib.load(fh)["tool"]["flwr"]["app"]["config"][key]
+        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
 
 
 def parse_experiment(raw: Mapping[str, Any], *, quick: bool = False) -> Experiment:
@@ -154,7 +155,7 @@ def parse_experiment(raw: Mapping[str, Any], *, quick: bool = False) -> Experime
     shots = tuple(int(k) for k in sweep.get("shots", [5]))
     steps = tuple(sorted({int(s) for s in sweep.get("adapt-steps", [20])} | {0}))
     alphas = tuple(float(a) for a in sweep.get("dirichlet-alpha", [raw.get("run-config", {}).get("dirichlet-alpha", 1.0)]))
-    default_lr = float(raw.get("run-config", {}).get("adapt-lr", _system_default("adapt-lr")))
+    default_lr = float(raw.get("run-config", {}).get("adapt-lr", _app_config()["adapt-lr"]))
     lrs = tuple(sorted({float(v) for v in sweep.get("adapt-lrs", [default_lr])}))
     if not lrs or not all(v > 0 for v in lrs):
         raise ExperimentConfigError(f"[sweep] adapt-lrs {list(lrs)}: need positive learning rates")
@@ -177,8 +178,7 @@ def parse_experiment(raw: Mapping[str, Any], *, quick: bool = False) -> Experime
 
 
 def base_run_config(exp: Experiment, cli_overrides: Mapping[str, Any], cwd: Path) -> dict[str, Any]:
-    with open(REPO_ROOT / "pyproject.toml", "rb") as fh:
-        rc = dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+    rc = _app_config()
     rc.update(exp.run_config)
     rc.update(cli_overrides)
     d = Path(os.path.expanduser(str(rc["data-dir"])))
@@ -259,8 +259,9 @@ def evaluate_initialisation(method: Method, theta: dict, cfg: Any, held: Sequenc
     """Adapt theta at every held-out site on the shared support draws; one row per draw x K x steps x lr."""
     import torch
 
-    from common.baselines import finetune_curve, finetune_curves, train_local_adam
+    from common.baselines import finetune_curves, train_local_adam
     from common.hospital import new_model
+    from common.maml import evaluate
 
     rows = []
     for site in held:
@@ -276,8 +277,7 @@ def evaluate_initialisation(method: Method, theta: dict, cfg: Any, held: Sequenc
                 for i, (sup, qry) in enumerate(zip(sups, qrys)):
                     phi = train_local_adam(model, theta, sup, steps=int(exp.local_adam["steps"]),
                                            lr=float(exp.local_adam["lr"]))
-                    sc = finetune_curve(model, phi, sup, qry, lr=cfg.adapt_lr, checkpoints=[0],
-                                        num_classes=site.info.n_classes)[0]
+                    sc = evaluate(model, phi, *qry, num_classes=site.info.n_classes)
                     scores.update({(i, lr, st): sc for lr in exp.adapt_lrs for st in exp.adapt_steps})
             else:
                 scores = finetune_curves(model, theta, sups, qrys, lrs=exp.adapt_lrs, checkpoints=exp.adapt_steps,
@@ -449,23 +449,29 @@ def _fmt_d(row) -> str:
             f" {100 * row.d_auc_share_positive:.0f}%")
 
 
+def _filter(df, **kw):
+    """The rows of `df` whose columns equal the given values."""
+    for k, v in kw.items():
+        df = df[df[k] == v]
+    return df
+
+
 def _lookup(df, **kw):
     if df is None or df.empty:
         return None
-    sel = df
-    for k, v in kw.items():
-        sel = sel[sel[k] == v]
+    sel = _filter(df, **kw)
     return None if sel.empty else sel.iloc[0]
+
+
+def _auc_cell(row) -> str:
+    return "" if row is None else f"{row.auc_mean:.3f} ± {row.auc_std:.3f}"
 
 
 def _choices(tuned, **kw) -> str:
     """The tuned protocol's choices for one cell: the most frequent 'steps @ lr' over (seed, hospital)."""
     if tuned is None or tuned.empty:
         return ""
-    sel = tuned
-    for k, v in kw.items():
-        sel = sel[sel[k] == v]
-    picks = sel.drop_duplicates(["seed", "hospital"])
+    picks = _filter(tuned, **kw).drop_duplicates(["seed", "hospital"])
     if picks.empty:
         return ""
     counts = picks.apply(lambda r: f"{int(r.chosen_steps)} @ {r.chosen_lr:g}", axis=1).value_counts()
@@ -510,8 +516,7 @@ def render_markdown(exp: Experiment, summary, pair_local, pair_fedavg, runs, com
     for ds in exp.datasets:
         at = {"dataset": ds, "shots": h["shots"], "dirichlet_alpha": h["dirichlet-alpha"]}
         for pname, psteps, plr, pdesc in protocols:
-            sel = summary[(summary.dataset == ds) & (summary.shots == h["shots"]) & (summary.steps == psteps)
-                          & (summary.adapt_lr == plr) & (summary.dirichlet_alpha == h["dirichlet-alpha"])]
+            sel = _filter(summary, **at, steps=psteps, adapt_lr=plr)
             tuned_col = pname == "tuned"
             lines += [f"## {ds}: headline, {pname} adaptation (K={h['shots']} per class, "
                       f"dirichlet-alpha={h['dirichlet-alpha']:g})", "", f"Adaptation: {pdesc}.", "",
@@ -547,28 +552,23 @@ def render_markdown(exp: Experiment, summary, pair_local, pair_fedavg, runs, com
                       "| method | ε | AUC | accuracy | ΔAUC vs local-only (fixed protocol) |", "|---|---|---|---|---|",
                       *no_adapt, ""]
         for pname, psteps, plr, _ in protocols:
-            sel = summary[(summary.dataset == ds) & (summary.shots == h["shots"]) & (summary.steps == psteps)
-                          & (summary.adapt_lr == plr) & (summary.dirichlet_alpha == h["dirichlet-alpha"])]
+            sel = _filter(summary, **at, steps=psteps, adapt_lr=plr)
             eps_all = sorted(sel.epsilon.unique(), key=_eps_order)
             lines += [f"### {ds}: AUC, method × ε ({pname} adaptation)", "",
                       "| method | " + " | ".join(f"ε={e}" for e in eps_all) + " |", "|---|" + "---|" * len(eps_all)]
             for m in methods:
-                cells = [(lambda r: "" if r is None else f"{r.auc_mean:.3f} ± {r.auc_std:.3f}")(
-                    _lookup(sel, method=m, epsilon=e)) for e in eps_all]
+                cells = [_auc_cell(_lookup(sel, method=m, epsilon=e)) for e in eps_all]
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
             lines.append("")
         for axis, label, fixed in _axes(exp, summary):
-            sub = summary[summary.dataset == ds]
-            for k, v in fixed.items():
-                sub = sub[sub[k] == v]
+            sub = _filter(summary, dataset=ds, **fixed)
             values = sorted(sub[axis].unique())
             if len(values) < 2:
                 continue
             lines += [f"### {ds}: AUC against {label}", "",
                       "| method | ε | " + " | ".join(f"{v:g}" for v in values) + " |", "|---|---|" + "---|" * len(values)]
             for (m, e), grp in sub.groupby(["method", "epsilon"], sort=False):
-                cells = [(lambda r: "" if r is None else f"{r.auc_mean:.3f} ± {r.auc_std:.3f}")(_lookup(grp, **{axis: v}))
-                         for v in values]
+                cells = [_auc_cell(_lookup(grp, **{axis: v})) for v in values]
                 lines.append(f"| {m} | {e} | " + " | ".join(cells) + " |")
             lines.append("")
     lines += ["## Files", "", "`runs.csv`: one row per trained initialisation (wall seconds, ε spent, noise "
@@ -612,8 +612,7 @@ def plot(exp: Experiment, summary, out: Path) -> list[Path]:
     for ds in exp.datasets:
         base = summary[(summary.dataset == ds)]
         for pname, psteps, plr, _ in _protocols(exp, summary):
-            sel = base[(base.shots == h["shots"]) & (base.steps == psteps) & (base.adapt_lr == plr)
-                       & (base.dirichlet_alpha == h["dirichlet-alpha"])]
+            sel = _filter(base, shots=h["shots"], steps=psteps, adapt_lr=plr, dirichlet_alpha=h["dirichlet-alpha"])
             eps_all = sorted(sel.epsilon.unique(), key=_eps_order)
             xpos = {e: i for i, e in enumerate(eps_all)}
             fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -637,9 +636,7 @@ def plot(exp: Experiment, summary, out: Path) -> list[Path]:
             suffix = "_tuned" if pname == "tuned" else ""
             paths.append(_save_figure(fig, out / f"{ds}_auc_vs_epsilon{suffix}.png"))
         for axis, label, fixed in _axes(exp, summary):
-            sub = base
-            for k, v in fixed.items():
-                sub = sub[sub[k] == v]
+            sub = _filter(base, **fixed)
             if sub[axis].nunique() < 2:
                 continue
             fig, ax = plt.subplots(figsize=(6.5, 4))
