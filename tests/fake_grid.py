@@ -83,6 +83,3 @@ class InProcessGrid:
         out = [r for r in self.inbox if r.metadata.reply_to_message_id in wanted]
         self.inbox = [r for r in self.inbox if r.metadata.reply_to_message_id not in wanted]
         return out
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        return self.pull_messages(self.push_messages(messages))
