@@ -66,8 +66,9 @@ def _site(cfg: Config, context: Context, hid: int) -> Site:
 def _with_noise_multiplier(cfg: Config, context: Context, num_records: int) -> Config:
     """`cfg` with the calibrated noise multiplier filled in, calibrated once per run and node.
 
-    In deployment each message runs in a fresh process, so the in-process cache of
-    `noise_multiplier_for` is empty every time; the value is kept in `context.state` instead.
+    In deployment each message runs in a fresh process, so the in-process cache of the calibration
+    (`common.privacy.calibrate_noise_multiplier`) is empty every time; the value is kept in
+    `context.state` instead.
     The noise is the same as calibrating every time: the calibration is a pure function of
     the config and the number of records.
     """

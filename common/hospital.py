@@ -99,7 +99,6 @@ def gradient_steps_per_round(cfg: Config) -> int:
     return cfg.inner_steps + (1 if cfg.algorithm in ("maml", "fomaml") else 0)
 
 
-@functools.lru_cache(maxsize=256)
 def noise_multiplier_for(cfg: Config, num_records: int) -> float:
     """The gradient noise multiplier of a hospital with `num_records` records.
 
