@@ -29,7 +29,7 @@ from common import protocol as P
 from common.config import Config, load_config
 from common.data import held_out_hospitals
 from common.hospital import (
-    Site, adapt_and_score, check_privacy_budget, load_site, load_site_from_folder, noise_multiplier_for, param_shapes,
+    Site, adapt_and_score, adaptation_grid_scores, check_privacy_budget, load_site, load_site_from_folder, noise_multiplier_for, param_shapes,
     train_round,
 )
 from common.privacy import PrivacyError, PrivacyLedger
@@ -177,7 +177,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, hid = _setup(context)
     site = _site(cfg, context, hid)
-    scores = adapt_and_score(cfg, site, _theta(msg, site, cfg))
+    theta = _theta(msg, site, cfg)
+    scores = adapt_and_score(cfg, site, theta)
     metrics = {
         P.NUM_EXAMPLES: scores.num_query,
         P.NUM_SUPPORT: scores.num_support,
@@ -189,5 +190,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         P.LOSS_BEFORE: scores.loss_before,
         P.HOSPITAL_ID: hid,
     }
+    if cfg.tune_adaptation:  # scores at every point of the adaptation grid, for the server to choose on
+        for point, sc in adaptation_grid_scores(cfg, site, theta).items():
+            metrics[P.grid_metric(P.AUC, point)] = sc.auc
+            metrics[P.grid_metric(P.ACCURACY, point)] = sc.accuracy
     return Message(RecordDict({P.METRICS: MetricRecord({k: float(v) if isinstance(v, float) else v
                                                         for k, v in metrics.items()})}), reply_to=msg)

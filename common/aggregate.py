@@ -61,17 +61,18 @@ def weighted_mean(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence
 
 @dataclass
 class OuterOptimizer:
-    """The outer (meta) step on theta: Adam or SGD for MAML/FOMAML/Reptile, plain averaging for FedAvg.
+    """The server's outer (meta) step on theta from the mean pseudo meta-gradient of the round.
 
-    For ``fedavg`` the aggregated update is the mean model delta and theta <- theta - delta (server
-    learning rate 1), which is FedAvg exactly. Optimiser state lives across rounds and can be
-    saved with `state_dict`.
+    Every algorithm sends ``theta - theta_local`` (`common.maml.local_meta_update`), so one step
+    serves all: ``sgd`` at lr 1 without momentum is FedAvg's / Reptile's plain mean step, ``sgd``
+    with `momentum` is FedAvgM, ``adam`` is FedAdam (Reddi et al. 2021). The same object drives the
+    Flower strategy and the in-process loop; its state lives across rounds (`state_dict`).
     """
 
     theta: dict[str, torch.Tensor]
-    algorithm: str
     kind: str
     lr: float
+    momentum: float = 0.0
 
     def __post_init__(self) -> None:
         self.theta = {k: v.detach().clone().requires_grad_(True) for k, v in self.theta.items()}
@@ -79,16 +80,16 @@ class OuterOptimizer:
         if self.kind == "adam":
             self._opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=self.lr)
         elif self.kind == "sgd":
-            self._opt = torch.optim.SGD(params, lr=self.lr)
+            self._opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
         else:
             raise ValueError(f"unknown meta-optimizer {self.kind!r}; use adam or sgd")
 
+    @classmethod
+    def for_config(cls, theta: Params, cfg) -> "OuterOptimizer":
+        """The run's outer optimiser (`meta-optimizer`, `meta-lr`, `server-momentum`)."""
+        return cls(theta, kind=cfg.meta_optimizer, lr=cfg.meta_lr, momentum=cfg.server_momentum)
+
     def step(self, gradient: Mapping[str, np.ndarray]) -> None:
-        with torch.no_grad():
-            if self.algorithm == "fedavg":
-                for k, p in self.theta.items():
-                    p.sub_(torch.from_numpy(np.asarray(gradient[k])))
-                return
         for k, p in self.theta.items():
             p.grad = torch.from_numpy(np.array(gradient[k], dtype=np.float32))
         self._opt.step()

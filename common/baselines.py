@@ -6,7 +6,7 @@ the *same* protocol on the *same* K-shot support draws:
 - `kshot_draws`: seeded, class-balanced K-shot support sets of a held-out site (``draws`` of them),
   the rest of the site being the query (test) set. The draws depend only on (seed, hospital, K,
   draw), never on the method, so methods are compared paired.
-- `finetune_curve`: full-batch SGD at ``lr`` from theta (the arithmetic of `common.maml.finetune`,
+- `finetune_curve`: full-batch SGD at ``lr`` from theta (`common.adaptation.finetune_trajectory`,
   which `common.hospital.adapt_and_score` uses), scored on the query set at several step counts
   along one trajectory (0 = no adaptation); `finetune_curves` does it for several support draws
   and learning rates (what the experiments use to sweep the adaptation protocol).
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import data as D
-from common.maml import Params, Scores, evaluate, forward, plain_gradient_fn
+from common.adaptation import finetune_trajectory
+from common.maml import Params, Scores, evaluate, forward
 from common.model import build_model, get_params
 
 
@@ -71,25 +72,15 @@ def finetune_curve(
 ) -> dict[int, Scores]:
     """Full-batch SGD on the support set; query scores after each step count in `checkpoints`.
 
-    The update is that of `common.maml.finetune`: ``phi <- phi - lr * grad(mean CE)``.
+    The update is `common.adaptation.finetune_trajectory` with method ``sgd``: ``phi <- phi - lr * grad(mean CE)``.
     """
     steps = sorted(set(int(c) for c in checkpoints))
     if not steps or steps[0] < 0:
         raise ValueError(f"checkpoints must be non-negative step counts, got {checkpoints}")
     xs, ys = support
     xq, yq = query
-    fn = plain_gradient_fn(model)
-    phi = {k: v.detach() for k, v in params.items()}
-    scores: dict[int, Scores] = {}
-    done = 0
-    for target in steps:
-        while done < target:
-            g = fn(phi, (xs, ys), False).grads
-            phi = {k: (phi[k] - lr * g[k]).detach() for k in phi}
-            done += 1
-        scores[target] = evaluate(model, phi, xq, yq, num_classes=num_classes)
-    return scores
-
+    traj = finetune_trajectory(model, params, xs, ys, method="sgd", lr=lr, checkpoints=steps)
+    return {st: evaluate(model, phi, xq, yq, num_classes=num_classes) for st, phi in traj.items()}
 
 
 def finetune_curves(

@@ -7,12 +7,14 @@ it checks every value and raises `ConfigError` naming the key, the value and wha
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "fedavg")
 META_OPTIMIZERS = ("adam", "sgd")
+ADAPT_METHODS = ("sgd", "clipped-sgd", "adam")
 
 
 class ConfigError(ValueError):
@@ -39,8 +41,11 @@ class Config:
     algorithm: str
     inner_steps: int
     inner_lr: float
+    local_meta_steps: int
+    local_lr: float
     meta_lr: float
     meta_optimizer: str
+    server_momentum: float
     batch_size: int
     dp: bool
     noise_multiplier: float
@@ -52,6 +57,8 @@ class Config:
     shots: int
     adapt_steps: int
     adapt_lr: float
+    adapt_method: str
+    tune_adaptation: bool
     eval_every: int
     seed: int
     results_dir: str
@@ -72,6 +79,29 @@ class Config:
     @property
     def num_training_hospitals(self) -> int:
         return self.num_hospitals - self.num_held_out
+
+    @property
+    def gradients_per_episode(self) -> int:
+        """Gradients computed from records in one local episode: the inner steps, plus the query
+        gradient for (FO)MAML; FedAvg's episode is one plain local step."""
+        if self.algorithm == "fedavg":
+            return 1
+        return self.inner_steps + (1 if self.algorithm in ("maml", "fomaml") else 0)
+
+    @property
+    def gradient_steps_per_round(self) -> int:
+        """Gradients computed from records per round (each one DP step when DP is on)."""
+        return self.local_meta_steps * self.gradients_per_episode
+
+    @property
+    def planned_rounds_per_hospital(self) -> int:
+        """Rounds a training hospital expects to join: ``num-server-rounds`` x its sampling chance.
+
+        The noise is calibrated for this participation (so the budget is spent, not left over); a
+        hospital sampled more often than expected declines the rounds its ledger cannot afford.
+        """
+        share = min(self.clients_per_round, self.num_training_hospitals) / self.num_training_hospitals
+        return max(1, math.ceil(self.num_server_rounds * share - 1e-9))
 
     def to_run_config(self) -> dict[str, Any]:
         """Back to kebab-case keys (for summaries and checkpoints)."""
@@ -181,8 +211,11 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
         algorithm=_choice(rc, "algorithm", ALGORITHMS),
         inner_steps=_int(rc, "inner_steps", lo=1),
         inner_lr=_float(rc, "inner_lr", lo=0.0),
+        local_meta_steps=_int(rc, "local_meta_steps", lo=1),
+        local_lr=_float(rc, "local_lr", lo=0.0),
         meta_lr=_float(rc, "meta_lr", lo=0.0),
         meta_optimizer=_choice(rc, "meta_optimizer", META_OPTIMIZERS),
+        server_momentum=_float(rc, "server_momentum", lo=0.0, hi=0.999, lo_open=False),
         batch_size=_int(rc, "batch_size", lo=1),
         dp=_bool(rc, "dp"),
         noise_multiplier=_float(rc, "noise_multiplier", lo=0.0, lo_open=False),
@@ -194,6 +227,8 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
         shots=_int(rc, "shots", lo=1),
         adapt_steps=_int(rc, "adapt_steps", lo=0),
         adapt_lr=_float(rc, "adapt_lr", lo=0.0),
+        adapt_method=_choice(rc, "adapt_method", ADAPT_METHODS),
+        tune_adaptation=_bool(rc, "tune_adaptation"),
         eval_every=_int(rc, "eval_every", lo=1),
         seed=_int(rc, "seed", lo=0),
         results_dir=_str(rc, "results_dir"),

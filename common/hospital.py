@@ -18,8 +18,9 @@ import torch
 from common import data as D
 from common.config import Config
 from common.maml import (
-    MetaUpdate, Params, batches_from, evaluate, finetune, meta_update, plain_gradient_fn,
+    Episode, MetaUpdate, Params, Scores, batches_from, evaluate, local_meta_update, plain_gradient_fn,
 )
+from common.adaptation import GridPoint, finetune, score_grid
 from common.model import SmallCNN, build_model
 from common.privacy import (
     PrivacyError, PrivacyLedger, PrivacySpec, calibrate_noise_multiplier, epsilon_for, private_gradient_fn,
@@ -95,22 +96,23 @@ def _param_shapes(in_channels: int, num_classes: int) -> tuple[tuple[str, tuple[
 
 
 def gradient_steps_per_round(cfg: Config) -> int:
-    """Gradients computed from records per round: the inner steps, plus the query step for (FO)MAML."""
-    return cfg.inner_steps + (1 if cfg.algorithm in ("maml", "fomaml") else 0)
+    """Gradients computed from records per round: `local-meta-steps` episodes of `Config.gradients_per_episode`."""
+    return cfg.gradient_steps_per_round
 
 
 def noise_multiplier_for(cfg: Config, num_records: int) -> float:
     """The gradient noise multiplier of a hospital with `num_records` records.
 
-    Given directly (`noise-multiplier` > 0) or calibrated so that a hospital taking part in all
-    `num-server-rounds` rounds ends within `target-epsilon` at `target-delta`.
+    Given directly (`noise-multiplier` > 0) or calibrated so that a hospital taking part in the
+    rounds it expects to join (`Config.planned_rounds_per_hospital`) ends within `target-epsilon` at
+    `target-delta`. The ledger still refuses any round that would overshoot.
     """
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
     q = sample_rate(batch_size=cfg.batch_size, num_records=num_records)
     return calibrate_noise_multiplier(
         target_epsilon=cfg.target_epsilon, delta=cfg.target_delta, sample_rate=q,
-        steps=gradient_steps_per_round(cfg) * cfg.num_server_rounds,
+        steps=cfg.gradient_steps_per_round * cfg.planned_rounds_per_hospital,
         loss_noise_factor=cfg.loss_noise_factor,
     )
 
@@ -133,6 +135,34 @@ class RoundOutcome:
     declined: str = ""
 
 
+def draw_episodes(cfg: Config, num_records: int, rng: np.random.Generator) -> list[tuple[list[np.ndarray], np.ndarray | None]]:
+    """The index sets of one round's `local-meta-steps` episodes: (support index sets, query index set).
+
+    With DP every gradient draws a fresh Poisson sample of all the site's records at
+    ``q = batch-size / n`` (the accountant's assumption). Without DP the classic recipe: (FO)MAML
+    reuses one support batch for all inner steps and takes a disjoint query batch; Reptile takes a
+    fresh batch per inner step; FedAvg one batch per local step.
+    """
+    n = num_records
+    eps = []
+    for _ in range(cfg.local_meta_steps):
+        if cfg.dp:
+            q = sample_rate(batch_size=cfg.batch_size, num_records=n)
+            sets = [D.poisson_sample(n, q, rng) for _ in range(cfg.gradients_per_episode)]
+            if cfg.algorithm in ("maml", "fomaml"):
+                eps.append((sets[:-1], sets[-1]))
+            else:
+                eps.append((sets, None))
+        elif cfg.algorithm in ("maml", "fomaml"):
+            perm = rng.permutation(n)
+            b = min(cfg.batch_size, max(1, n // 2))
+            eps.append(([np.sort(perm[:b])] * cfg.inner_steps, np.sort(perm[b:2 * b])))
+        else:
+            k = cfg.gradients_per_episode
+            eps.append(([D.sample_without_replacement(n, cfg.batch_size, rng) for _ in range(k)], None))
+    return eps
+
+
 def train_round(
     cfg: Config,
     site: Site,
@@ -143,17 +173,16 @@ def train_round(
     generator: torch.Generator | None = None,
     rng: np.random.Generator | None = None,
 ) -> RoundOutcome:
-    """One local round: the inner loop on support batches and the meta-update that leaves the site.
+    """One local round: `local-meta-steps` episodes of local meta-training; ``theta - theta_local`` leaves the site.
 
-    With DP, every gradient step draws a fresh Poisson batch of all the site's records and the
-    ledger records the round *before* anything is computed; a round that would take the ledger
-    past `target-epsilon` is declined and nothing is computed. Without DP, MAML/FOMAML reuse one
-    support batch for all inner steps and take a disjoint query batch (the classic recipe);
-    Reptile/FedAvg take a fresh batch per step.
+    With DP the ledger records every gradient of the round (`Config.gradient_steps_per_round`
+    subsampled Gaussian steps) *before* anything is computed; a round that would take the ledger
+    past `target-epsilon` is declined and nothing is computed. `generator` (noise) and `rng`
+    (sampling) default to the operating system's entropy under DP; tests may inject their own.
     """
     model = new_model(cfg, site.info)
     n = site.num_records
-    k = gradient_steps_per_round(cfg)
+    k = cfg.gradient_steps_per_round
     if cfg.dp:
         if ledger is None:
             raise ValueError("DP is on: a privacy ledger is required")
@@ -170,28 +199,22 @@ def train_round(
         ledger.record(noise_multiplier=sigma_acc, sample_rate=q, steps=k)
         ledger.rounds += 1
         rng = rng if rng is not None else secure_rng()
-        index_sets = [D.poisson_sample(n, q, rng) for _ in range(k)]
-        gradient_fn = private_gradient_fn(model, spec, num_records=n, sample_rate=q, generator=generator or secure_generator())
+        gradient_fn = private_gradient_fn(model, spec, num_records=n, sample_rate=q,
+                                          generator=generator or secure_generator())
         epsilon, delta = ledger.epsilon(), ledger.delta
     else:
         rng = rng if rng is not None else np.random.default_rng([cfg.seed, site.hospital_id, server_round])
-        if cfg.algorithm in ("maml", "fomaml"):
-            perm = rng.permutation(n)
-            b = min(cfg.batch_size, max(1, n // 2))
-            support_idx, query_idx = np.sort(perm[:b]), np.sort(perm[b:2 * b])
-            index_sets = [support_idx] * cfg.inner_steps + [query_idx]
-        else:
-            index_sets = [D.sample_without_replacement(n, cfg.batch_size, rng) for _ in range(k)]
         gradient_fn = plain_gradient_fn(model)
         epsilon, delta = 0.0, 0.0
 
-    support = batches_from(site.x, site.y, index_sets[: cfg.inner_steps])
-    query = None
-    if cfg.algorithm in ("maml", "fomaml"):
-        query = next(batches_from(site.x, site.y, index_sets[cfg.inner_steps:]))
-    update = meta_update(
-        theta, algorithm=cfg.algorithm, support=support, query=query,
-        inner_lr=cfg.inner_lr, gradient_fn=gradient_fn, model=model,
+    def episodes():
+        for support_sets, query_set in draw_episodes(cfg, n, rng):
+            query = None if query_set is None else next(batches_from(site.x, site.y, [query_set]))
+            yield Episode(list(batches_from(site.x, site.y, support_sets)), query)
+
+    update = local_meta_update(
+        theta, algorithm=cfg.algorithm, episodes=episodes(), inner_lr=cfg.inner_lr, local_lr=cfg.local_lr,
+        gradient_fn=gradient_fn, model=model,
     )
     return RoundOutcome(update, n, epsilon, delta)
 
@@ -214,24 +237,47 @@ def adaptation_split(cfg: Config, site: Site) -> tuple[np.ndarray, np.ndarray]:
     return D.kshot_split(site.y.numpy(), shots=cfg.shots, rng=rng)
 
 
+def _adaptation_sets(cfg: Config, site: Site):
+    s_idx, q_idx = adaptation_split(cfg, site)
+    s_t, q_t = torch.as_tensor(s_idx), torch.as_tensor(q_idx)
+    return (site.x[s_t], site.y[s_t]), (site.x[q_t], site.y[q_t])
+
+
 def adapt_and_score(cfg: Config, site: Site, theta: Params) -> AdaptationScores:
     """Fine-tune `theta` on the site's K-shot support set and score it on the rest, before and after.
 
-    This is what a new hospital does with the learned initialisation: `adapt-steps` full-batch
-    SGD steps at `adapt-lr`, locally; nothing but the scores leaves the site.
+    This is what a new hospital does with the learned initialisation: `adapt-steps` steps of
+    `adapt-method` at `adapt-lr` (`common.adaptation.finetune`), locally; nothing but the scores
+    leaves the site.
     """
     model = new_model(cfg, site.info)
-    s_idx, q_idx = adaptation_split(cfg, site)
-    xs, ys = site.x[torch.as_tensor(s_idx)], site.y[torch.as_tensor(s_idx)]
-    xq, yq = site.x[torch.as_tensor(q_idx)], site.y[torch.as_tensor(q_idx)]
+    (xs, ys), (xq, yq) = _adaptation_sets(cfg, site)
     n_classes = site.info.n_classes
     before = evaluate(model, theta, xq, yq, num_classes=n_classes)
-    phi = finetune(model, theta, xs, ys, steps=cfg.adapt_steps, lr=cfg.adapt_lr)
+    phi = finetune(model, theta, xs, ys, method=cfg.adapt_method, steps=cfg.adapt_steps, lr=cfg.adapt_lr,
+                   max_grad_norm=cfg.max_grad_norm)
     after = evaluate(model, phi, xq, yq, num_classes=n_classes)
     return AdaptationScores(
-        len(s_idx), len(q_idx), before.accuracy, before.auc, before.loss,
+        len(ys), len(yq), before.accuracy, before.auc, before.loss,
         after.accuracy, after.auc, after.loss,
     )
+
+
+def adaptation_grid_scores(cfg: Config, site: Site, theta: Params) -> dict[GridPoint, Scores]:
+    """Scores of `theta` at every point of the adaptation grid on this site's K-shot split (`tune-adaptation`)."""
+    model = new_model(cfg, site.info)
+    support, query = _adaptation_sets(cfg, site)
+    return score_grid(model, theta, support, query, num_classes=site.info.n_classes, max_grad_norm=cfg.max_grad_norm)
+
+
+def validation_hospitals(cfg: Config) -> tuple[int, ...]:
+    """The held-out hospitals whose scores choose the adaptation (`tune-adaptation`): the first half.
+
+    The others are the test hospitals the run reports on; with a single held-out hospital there is
+    nothing to choose on, and the fixed adaptation is used.
+    """
+    held = D.held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed)
+    return tuple(held[: len(held) // 2]) if cfg.tune_adaptation else ()
 
 
 # --------------------------------------------------------------------------- deployed hospitals
@@ -249,7 +295,7 @@ def check_privacy_budget(cfg: Config, num_records: int) -> None:
     spec = privacy_spec(cfg, num_records)
     q = sample_rate(batch_size=cfg.batch_size, num_records=num_records)
     first = epsilon_for(noise_multiplier=spec.accounted_noise_multiplier, sample_rate=q,
-                        steps=gradient_steps_per_round(cfg), delta=cfg.target_delta)
+                        steps=cfg.gradient_steps_per_round, delta=cfg.target_delta)
     if first > cfg.target_epsilon:
         raise PrivacyError(
             f"impossible privacy target: with noise-multiplier={sigma:g} a hospital with {num_records} records "

@@ -250,16 +250,63 @@ def meta_update(
     return MetaUpdate(delta, float(losses[-1]) if losses else float("nan"))
 
 
-def finetune(
-    model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, *, steps: int, lr: float
-) -> Params:
-    """Full-batch SGD on a new hospital's labelled support set (local, non-private, nothing leaves)."""
-    phi = {k: v.detach() for k, v in params.items()}
-    fn = plain_gradient_fn(model)
-    for _ in range(steps):
-        g = fn(phi, (x, y), False).grads
-        phi = {k: (phi[k] - lr * g[k]).detach() for k in phi}
-    return phi
+@dataclass(frozen=True)
+class Episode:
+    """One local episode's batches: the inner loop's support batches and (for (FO)MAML) a query batch.
+
+    FedAvg's episode is a single local step: one support batch, no query.
+    """
+
+    support: list[Batch]
+    query: Batch | None
+
+
+def local_meta_update(
+    theta: Params,
+    *,
+    algorithm: str,
+    episodes: Iterable[Episode],
+    inner_lr: float,
+    local_lr: float,
+    gradient_fn: GradientFn,
+    model: nn.Module,
+) -> MetaUpdate:
+    """A round's local meta-training at one hospital; returns ``theta - theta_local`` (a pseudo meta-gradient).
+
+    The hospital keeps its own copy ``theta_local`` of the initialisation and, per episode, takes a
+    local outer step with learning rate ``local_lr`` (beta):
+
+    - maml/fomaml: ``theta_local -= beta * g`` with g the meta-gradient of the episode (`meta_update`);
+    - reptile: ``theta_local += beta * (phi - theta_local)``, phi the adapted weights;
+    - fedavg: ``theta_local -= beta * g`` with g the gradient of the episode's one batch (plain local SGD).
+
+    With one episode and beta = 1 this is exactly the single meta-gradient (FOMAML, MAML) or model
+    delta (Reptile) of the classic one-step recipe; with several it is Per-FedAvg / FedMeta with local
+    epochs, and FedAvg's local epochs of SGD. The reported loss is the mean of the episodes' released
+    losses (query losses for (FO)MAML, the last inner loss for Reptile, the batch loss for FedAvg).
+    Every gradient of patient records goes through `gradient_fn` (clipped and noised under DP).
+    """
+    if algorithm not in ("maml", "fomaml", "reptile", "fedavg"):
+        raise ValueError(f"unknown algorithm {algorithm!r}; use maml, fomaml, reptile or fedavg")
+    local = {k: v.detach().clone() for k, v in theta.items()}
+    losses: list[float] = []
+    for ep in episodes:
+        if algorithm == "fedavg":
+            if len(ep.support) != 1:
+                raise ValueError("a FedAvg episode is one local step: exactly one batch")
+            release = gradient_fn(local, ep.support[0], False)
+            step, loss = release.grads, float(release.loss)
+        else:
+            u = meta_update(local, algorithm=algorithm, support=ep.support, query=ep.query,
+                            inner_lr=inner_lr, gradient_fn=gradient_fn, model=model)
+            step, loss = u.gradient, u.loss
+        local = {k: (local[k] - local_lr * step[k]).detach() for k in local}
+        losses.append(loss)
+    if not losses:
+        raise ValueError("local meta-training needs at least one episode")
+    finite = [v for v in losses if v == v]
+    return MetaUpdate({k: (theta[k].detach() - local[k]).detach() for k in theta},
+                      float(np.mean(finite)) if finite else float("nan"))
 
 
 @dataclass(frozen=True)

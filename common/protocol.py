@@ -30,3 +30,25 @@ LEDGER_STATE = "privacy-ledger"
 
 TRAIN_METRICS = (NUM_EXAMPLES, LOSS, EPSILON, DELTA, ROUNDS)
 EVAL_METRICS = (NUM_EXAMPLES, NUM_SUPPORT, ACCURACY, AUC, LOSS, ACCURACY_BEFORE, AUC_BEFORE, LOSS_BEFORE)
+
+# Adaptation-grid metrics (held-out hospital -> server, with tune-adaptation): "<metric>@<method>:<lr>:<steps>"
+GRID_SEPARATOR = "@"
+
+
+def grid_metric(metric: str, point: tuple[str, float, int]) -> str:
+    method, lr, steps = point
+    return f"{metric}{GRID_SEPARATOR}{method}:{lr:g}:{steps}"
+
+
+def parse_grid_metric(key: str) -> tuple[str, tuple[str, float, int]] | None:
+    """(metric, grid point) of a grid metric name, None for any other name."""
+    if GRID_SEPARATOR not in key:
+        return None
+    metric, rest = key.split(GRID_SEPARATOR, 1)
+    parts = rest.split(":")
+    if len(parts) != 3:
+        return None
+    try:
+        return metric, (parts[0], float(parts[1]), int(parts[2]))
+    except ValueError:
+        return None

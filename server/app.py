@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import protocol as P
 from common.config import Config, load_config
 from common.data import dataset_info, held_out_hospitals
+from common.hospital import validation_hospitals
 from common.model import build_model, get_params
 from server.checkpoint import (
     CheckpointError, ServerCheckpoint, check_compatible, checkpoint_path, load_checkpoint, save_checkpoint,
@@ -158,6 +159,15 @@ def _restore(cfg: Config, strategy: MetaGradientStrategy, folder: Path) -> Serve
     return ckpt
 
 
+def _adaptation(cfg: Config, strategy: MetaGradientStrategy) -> dict[str, Any]:
+    """How the reported held-out scores were adapted: chosen on validation hospitals, or the fixed one."""
+    if strategy.chosen_adaptation is not None:
+        method, lr, steps = strategy.chosen_adaptation
+        return {"method": method, "lr": lr, "steps": steps, "chosen_on": "validation hospitals",
+                "validation_hospitals": list(validation_hospitals(cfg))}
+    return {"method": cfg.adapt_method, "lr": cfg.adapt_lr, "steps": cfg.adapt_steps, "chosen_on": "run config"}
+
+
 def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
     """The whole run on `grid`; returns the final summary (also written to `<results-dir>/summary.json`).
 
@@ -236,7 +246,9 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
                               "accuracy_before_adaptation": last_eval[P.ACCURACY_BEFORE],
                               "auc_before_adaptation": last_eval[P.AUC_BEFORE],
                               "query_loss_after_adaptation": last_eval[P.LOSS],
-                              "evaluated_hospitals": int(last_eval["hospitals"])})
+                              "evaluated_hospitals": int(last_eval["hospitals"]),
+                              "adaptation": _adaptation(cfg, strategy)})
+                last_eval["adaptation"] = entry["adaptation"]
         entry["seconds"] = time.monotonic() - t0
         summary["rounds"].append(entry)
         summary["hospitals"] = _hospital_figures(strategy)
@@ -256,7 +268,8 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
                             "accuracy_before_adaptation": last_eval[P.ACCURACY_BEFORE],
                             "auc_before_adaptation": last_eval[P.AUC_BEFORE],
                             "hospitals": int(last_eval["hospitals"]),
-                            "shots_per_class": cfg.shots, "adapt_steps": cfg.adapt_steps}
+                            "shots_per_class": cfg.shots,
+                            "adaptation": last_eval.get("adaptation", _adaptation(cfg, strategy))}
     summary["wall_seconds"] = elapsed + time.monotonic() - t_start
     summary["status"] = "completed"
     save_model(results / "model.pt", arrays)

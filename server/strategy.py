@@ -20,8 +20,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common import protocol as P
+from common.adaptation import choose_adaptation
 from common.aggregate import InvalidUpdate, OuterOptimizer, validate_update, weighted_mean
 from common.config import Config
+from common.hospital import validation_hospitals
 from common.maml import Params
 
 log = logging.getLogger("flwr")  # Flower's own logger: its lines reach `flwr run --stream` and `flwr log`
@@ -55,7 +57,7 @@ class MetaGradientStrategy(Strategy):
 
     def __init__(self, cfg: Config, theta: Params, *, held_out_ids: Iterable[int]) -> None:
         self.cfg = cfg
-        self.optimizer = OuterOptimizer(theta, algorithm=cfg.algorithm, kind=cfg.meta_optimizer, lr=cfg.meta_lr)
+        self.optimizer = OuterOptimizer.for_config(theta, cfg)
         self.expected = {k: tuple(v.shape) for k, v in theta.items()}
         self.held_out_ids = frozenset(held_out_ids)
         self.hospital_of: dict[int, int] = {}
@@ -63,6 +65,7 @@ class MetaGradientStrategy(Strategy):
         self.held_out_nodes: list[int] = []
         self.hospitals: dict[int, HospitalRecord] = {}
         self.last_report = RoundReport()
+        self.chosen_adaptation: tuple[str, float, int] | None = None  # (method, lr, steps), tune-adaptation
         self._rng = random.Random(cfg.seed)
         self._outbox: list[Message] = []  # the last messages sent, to attribute replies (and their absence)
 
@@ -224,7 +227,14 @@ class MetaGradientStrategy(Strategy):
         return self._send_theta(server_round, arrays, config, self.held_out_nodes, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        rows = []
+        """Size-weighted mean scores of the held-out hospitals that answered.
+
+        With `tune-adaptation` the validation hospitals (`common.hospital.validation_hospitals`)
+        choose the adaptation (method, lr, steps) from the grid every hospital scored
+        (`common.adaptation.choose_adaptation`), and the reported scores are those of the *other*
+        (test) hospitals adapted that way; `self.chosen_adaptation` holds the choice.
+        """
+        rows, grids = [], []
         for msg in replies:
             if msg.has_error() or P.METRICS not in msg.content:
                 log.warning("round %d: evaluation reply from %s dropped", server_round, self._who(msg))
@@ -233,9 +243,30 @@ class MetaGradientStrategy(Strategy):
             if any(k not in m for k in P.EVAL_METRICS) or float(m[P.NUM_EXAMPLES]) <= 0:
                 log.warning("round %d: incomplete evaluation reply from %s dropped", server_round, self._who(msg))
                 continue
-            rows.append({k: float(m[k]) for k in P.EVAL_METRICS})
+            row = {k: float(m[k]) for k in P.EVAL_METRICS}
+            grid: dict[tuple, dict[str, float]] = {}
+            for key in m:
+                parsed = P.parse_grid_metric(str(key))
+                if parsed is not None:
+                    grid.setdefault(parsed[1], {})[parsed[0]] = float(m[key])
+            rows.append(row)
+            grids.append((self.hospital_of.get(self._node_of(msg), -1), grid))
         if not rows:
             return None
+        validation = set(validation_hospitals(self.cfg))
+        if validation:
+            val_scores = [{p: v.get(P.AUC, float("nan")) for p, v in g.items()} for h, g in grids if h in validation]
+            choice = choose_adaptation(val_scores) if val_scores else None
+            test = [(r, g) for r, (h, g) in zip(rows, grids) if h not in validation]
+            if choice is not None and test and all(choice in g for _, g in test):
+                self.chosen_adaptation = choice
+                rows = [{**r, P.AUC: g[choice].get(P.AUC, float("nan")),
+                         P.ACCURACY: g[choice].get(P.ACCURACY, float("nan"))} for r, g in test]
+            else:
+                log.warning("round %d: could not choose the adaptation on validation hospitals %s (no AUC there, "
+                            "or no test hospital answered); reporting the fixed adaptation at every held-out "
+                            "hospital", server_round, sorted(validation))
+                self.chosen_adaptation = None
         out = {"hospitals": float(len(rows))}
         w = np.array([r[P.NUM_EXAMPLES] for r in rows])
         for k in (P.ACCURACY, P.AUC, P.LOSS, P.ACCURACY_BEFORE, P.AUC_BEFORE, P.LOSS_BEFORE):
@@ -245,6 +276,6 @@ class MetaGradientStrategy(Strategy):
         return MetricRecord(out)
 
     def summary(self) -> None:
-        log.info("MetaGradientStrategy: %s, outer optimiser %s (lr %g), %d training / %d held-out hospitals",
-                 self.cfg.algorithm, "mean step" if self.cfg.algorithm == "fedavg" else self.cfg.meta_optimizer,
-                 self.cfg.meta_lr, len(self.training_nodes), len(self.held_out_nodes))
+        log.info("MetaGradientStrategy: %s, %d local episode(s) per round, outer optimiser %s (lr %g, momentum %g), "
+                 "%d training / %d held-out hospitals", self.cfg.algorithm, self.cfg.local_meta_steps,
+                 self.cfg.meta_optimizer, self.cfg.meta_lr, self.cfg.server_momentum, len(self.training_nodes), len(self.held_out_nodes))

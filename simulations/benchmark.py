@@ -184,7 +184,7 @@ def bench_dp_round(data_dir: str, *, reps: int) -> dict[str, Any]:
         if engine:
             M.DEFAULT_PER_SAMPLE_ENGINE = engine
         try:
-            opt = OuterOptimizer(theta, algorithm=cfg.algorithm, kind=cfg.meta_optimizer, lr=cfg.meta_lr)
+            opt = OuterOptimizer.for_config(theta, cfg)
             start = time.perf_counter()
             ups, ws = [], []
             for s in chosen:

@@ -41,7 +41,7 @@ def sites_for(cfg: Config) -> tuple[list[Site], list[Site]]:
 def meta_train(cfg: Config, training: list[Site], *, rounds: int | None = None) -> LocalRun:
     """`rounds` (default `num-server-rounds`) of the outer loop over `training` hospitals."""
     theta = get_params(new_model(cfg, training[0].info))
-    opt = OuterOptimizer(theta, algorithm=cfg.algorithm, kind=cfg.meta_optimizer, lr=cfg.meta_lr)
+    opt = OuterOptimizer.for_config(theta, cfg)
     ledgers = {s.hospital_id: PrivacyLedger(delta=cfg.target_delta) for s in training}
     rng = random.Random(cfg.seed)  # the strategy samples hospitals with the same generator
     run = LocalRun(theta=theta)

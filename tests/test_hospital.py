@@ -75,3 +75,53 @@ def test_non_dp_rounds_are_reproducible_from_the_seed(synthetic_dir) -> None:
     b = train_round(cfg, site, theta, ledger=None, server_round=3).update
     for k in theta:
         np.testing.assert_array_equal(a.gradient[k].numpy(), b.gradient[k].numpy())
+
+
+@pytest.mark.parametrize(("algorithm", "inner", "episodes", "per_episode"), [
+    ("fomaml", 2, 3, 3), ("reptile", 2, 3, 2), ("fedavg", 2, 4, 1),
+])
+def test_ledger_charges_exactly_the_dp_steps_taken_each_a_fresh_poisson_batch(
+        synthetic_dir, monkeypatch, algorithm, inner, episodes, per_episode) -> None:
+    import common.hospital as H
+
+    cfg = cfg_for(synthetic_dir, algorithm=algorithm, inner_steps=inner, local_meta_steps=episodes, batch_size=8)
+    site = load_site(cfg, 1)
+    theta = get_params(new_model(cfg, site.info))
+    batches: list[np.ndarray] = []
+    real = H.private_gradient_fn
+
+    def counting(*args, **kwargs):
+        fn = real(*args, **kwargs)
+
+        def wrapped(params, batch, create_graph):
+            batches.append(batch[1].numpy().copy())
+            return fn(params, batch, create_graph)
+        return wrapped
+
+    monkeypatch.setattr(H, "private_gradient_fn", counting)
+    ledger = PrivacyLedger(delta=cfg.target_delta)
+    for rnd in (1, 2):
+        out = train_round(cfg, site, theta, ledger=ledger, server_round=rnd)
+        assert out.update is not None
+    taken = 2 * episodes * per_episode
+    assert len(batches) == taken == sum(n for _, _, n in ledger.history)
+    assert cfg.gradient_steps_per_round == episodes * per_episode
+    sizes = {len(b) for b in batches}
+    assert len(sizes) > 1  # Poisson: the batch size varies from step to step (expected 8)
+    q = 8 / site.num_records
+    assert all(h[1] == pytest.approx(q) for h in ledger.history)
+
+
+def test_noise_is_calibrated_for_the_participation_the_sampler_gives(synthetic_dir) -> None:
+    # 5 training hospitals, 2 per round over 10 rounds: each expects to join 4 rounds
+    cfg = cfg_for(synthetic_dir, num_server_rounds=10, clients_per_round=2, target_epsilon=3.0)
+    assert cfg.num_training_hospitals == 5 and cfg.planned_rounds_per_hospital == 4
+    site = load_site(cfg, 1)
+    theta = get_params(new_model(cfg, site.info))
+    ledger = PrivacyLedger(delta=cfg.target_delta)
+    outs = [train_round(cfg, site, theta, ledger=ledger, server_round=r) for r in range(1, 7)]
+    trained = [o for o in outs if o.update is not None]
+    assert len(trained) == 4  # the budget buys the expected rounds, the ledger refuses a fifth
+    assert 0.97 * 3.0 < ledger.epsilon() <= 3.0
+    everyone = cfg_for(synthetic_dir, num_server_rounds=10, clients_per_round=5, target_epsilon=3.0)
+    assert noise_multiplier_for(everyone, site.num_records) > noise_multiplier_for(cfg, site.num_records)

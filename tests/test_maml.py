@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from common.adaptation import finetune
 from common.maml import (
-    adapt, evaluate, finetune, loss_fn, mean_gradient, meta_update, per_sample_gradients, plain_gradient_fn,
+    adapt, evaluate, loss_fn, mean_gradient, meta_update, per_sample_gradients, plain_gradient_fn,
 )
 from common.model import SmallCNN, build_model, get_params
 
@@ -119,9 +120,46 @@ def test_finetune_fits_the_support_set_and_evaluate_reports_auc() -> None:
     x = torch.randn(40, 3, generator=g)
     y = (x[:, 0] > 0).long()
     before = evaluate(model, theta, x, y, num_classes=2)
-    phi = finetune(model, theta, x, y, steps=200, lr=0.5)
+    phi = finetune(model, theta, x, y, method="sgd", steps=200, lr=0.5)
     after = evaluate(model, phi, x, y, num_classes=2)
     assert after.loss < before.loss
     assert after.accuracy >= 0.9 and after.auc >= 0.95
     single = evaluate(model, phi, x[y == 1], y[y == 1], num_classes=2)
     assert single.auc != single.auc  # NaN: AUC is undefined on one class
+
+
+def test_local_meta_update_one_episode_is_the_classic_update_and_several_compose() -> None:
+    from common.maml import Episode, local_meta_update
+
+    model = tiny_linear(1)
+    theta = get_params(model)
+    fn = plain_gradient_fn(model)
+    s1, q1 = data(8, 1), data(8, 2)
+    s2, q2 = data(8, 3), data(8, 4)
+    for algo in ("fomaml", "reptile"):
+        classic = meta_update(theta, algorithm=algo, support=[s1, s1], query=q1, inner_lr=0.2,
+                              gradient_fn=fn, model=model)
+        one = local_meta_update(theta, algorithm=algo, episodes=[Episode([s1, s1], q1)], inner_lr=0.2,
+                                local_lr=1.0, gradient_fn=fn, model=model)
+        for k in theta:
+            torch.testing.assert_close(one.gradient[k], classic.gradient[k])
+    # two FOMAML episodes = two local outer steps at beta on the local copy
+    beta = 0.3
+    two = local_meta_update(theta, algorithm="fomaml", episodes=[Episode([s1], q1), Episode([s2], q2)],
+                            inner_lr=0.2, local_lr=beta, gradient_fn=fn, model=model)
+    local = dict(theta)
+    for s, q in ((s1, q1), (s2, q2)):
+        g = meta_update(local, algorithm="fomaml", support=[s], query=q, inner_lr=0.2, gradient_fn=fn,
+                        model=model).gradient
+        local = {k: local[k] - beta * g[k] for k in local}
+    for k in theta:
+        torch.testing.assert_close(two.gradient[k], theta[k] - local[k])
+    # FedAvg: plain local SGD, one batch per episode
+    fed = local_meta_update(theta, algorithm="fedavg", episodes=[Episode([s1], None), Episode([s2], None)],
+                            inner_lr=0.2, local_lr=beta, gradient_fn=fn, model=model)
+    local = dict(theta)
+    for s in (s1, s2):
+        g, _ = mean_gradient(model, {k: v.detach().requires_grad_(True) for k, v in local.items()}, *s)
+        local = {k: (local[k] - beta * g[k]).detach() for k in local}
+    for k in theta:
+        torch.testing.assert_close(fed.gradient[k], theta[k] - local[k])
