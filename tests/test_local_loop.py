@@ -1,0 +1,100 @@
+"""The in-process loop the experiments use computes exactly what the Flower apps compute.
+
+The same config and seeds through (a) `simulations.local_loop` and (b) the real ServerApp loop with the
+real ClientApp handlers (in-process grid, and Flower's simulation engine for the DP-off case) must give
+the same theta (to float tolerance) and the same held-out scores. With DP on, the test injects one
+seeded noise and sampling generator into both paths; the product's own generators stay unseeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from flwr.supercore.task_identity import TaskIdentity
+
+import common.hospital as H
+from common.config import load_config
+from common.model import get_params
+from conftest import REPO, base_run_config
+from fake_grid import InProcessGrid
+from server.app import run_federation
+from simulations.local_loop import meta_train, score_held_out, sites_for
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+
+
+def rc_for(medmnist_dir, tmp_path, **over) -> dict:
+    rc = {**base_run_config(), "data-dir": str(medmnist_dir), "results-dir": str(tmp_path / "results"),
+          "dataset": "breastmnist", "num-hospitals": 5, "num-held-out": 1, "clients-per-round": 3,
+          "min-replies": 2, "num-server-rounds": 3, "eval-every": 3, "wait-for-nodes": 0.0, "round-timeout": 30.0,
+          "inner-steps": 1, "local-meta-steps": 2, "local-lr": 0.5, "meta-optimizer": "sgd", "meta-lr": 1.0,
+          "server-momentum": 0.5, "tune-adaptation": False, "adapt-steps": 3, "adapt-lr": 0.05}
+    rc.update(over)
+    return rc
+
+
+def expected_final(cfg, theta) -> dict[str, float]:
+    _, held = sites_for(cfg)
+    scores = score_held_out(cfg, held, theta)
+    w = np.array([s.num_query for s in scores], dtype=float)
+    return {"auc": float(np.dot(w, [s.auc for s in scores]) / w.sum()),
+            "accuracy": float(np.dot(w, [s.accuracy for s in scores]) / w.sum()),
+            "accuracy_before_adaptation": float(np.dot(w, [s.accuracy_before for s in scores]) / w.sum())}
+
+
+def assert_same(summary: dict, theta_flower: dict, cfg) -> None:
+    training, _ = sites_for(cfg)
+    local = meta_train(cfg, training)
+    theta0 = get_params(H.new_model(cfg, training[0].info))
+    assert max(float((local.theta[k] - theta0[k]).abs().max()) for k in theta0) > 1e-3  # it trained
+    for k, v in local.theta.items():
+        torch.testing.assert_close(theta_flower[k].float(), v.float(), atol=1e-6, rtol=1e-5)
+    assert max(abs(a - b) for a, b in zip(local.meta_losses, [r["meta_loss"] for r in summary["rounds"]])) < 1e-5
+    want = expected_final(cfg, local.theta)
+    for key, value in want.items():
+        assert summary["final"][key] == pytest.approx(value, abs=1e-6), key
+    if cfg.dp:
+        eps = {int(h): r["epsilon"] for h, r in summary["hospitals"].items()}
+        assert eps == pytest.approx(local.epsilons, abs=1e-12)
+
+
+@pytest.mark.parametrize("algorithm", ["fomaml", "reptile", "fedavg"])
+@pytest.mark.parametrize("dp", [False, True])
+def test_local_loop_equals_the_flower_apps(medmnist_dir, tmp_path, monkeypatch, algorithm, dp) -> None:
+    if dp:  # one injected generator for both paths, re-seeded per call (the product's are never seeded)
+        monkeypatch.setattr(H, "secure_rng", lambda: np.random.default_rng(1234))
+        monkeypatch.setattr(H, "secure_generator", lambda: torch.Generator().manual_seed(5678))
+    rc = rc_for(medmnist_dir, tmp_path, algorithm=algorithm, dp=dp, **({"inner-steps": 2} if algorithm == "reptile" else {}))
+    cfg = load_config(rc)
+    grid = InProcessGrid(rc, {100 + h: {"partition-id": h, "num-partitions": cfg.num_hospitals}
+                              for h in range(cfg.num_hospitals)})
+    summary = run_federation(grid, cfg)
+    theta = torch.load(tmp_path / "results" / "model.pt", weights_only=True)
+    assert_same(summary, theta, cfg)
+
+
+@pytest.mark.slow
+def test_local_loop_equals_a_flower_simulation_without_dp(medmnist_dir, tmp_path) -> None:
+    """Flower's simulation engine (SuperLink + Ray actors, one process per actor) against the local loop."""
+    res = tmp_path / "results"
+    rc = rc_for(medmnist_dir, tmp_path, dp=False, algorithm="fomaml")
+    overrides = " ".join(f"{k}={json.dumps(rc[k])}" for k in (
+        "data-dir", "results-dir", "dataset", "num-hospitals", "num-held-out", "clients-per-round", "min-replies",
+        "num-server-rounds", "eval-every", "inner-steps", "local-meta-steps", "local-lr", "meta-optimizer",
+        "meta-lr", "server-momentum", "tune-adaptation", "adapt-steps", "adapt-lr", "dp", "algorithm"))
+    out = subprocess.run([sys.executable, "-m", "simulations.run", "--timeout", "600", "--run-config", overrides],
+                         cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=700)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((res / "summary.json").read_text())
+    theta = torch.load(res / "model.pt", weights_only=True)
+    assert_same(summary, theta, load_config(rc))
