@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
 from common import protocol as P
-from common.config import Config, load_config
+from common.config import ADAPT_METHODS, Config, load_config
 from common.data import held_out_hospitals
 from common.hospital import (
     Site, adapt_and_score, adaptation_grid_scores, check_privacy_budget, load_site, load_site_from_folder, noise_multiplier_for, param_shapes,
@@ -178,6 +179,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, hid = _setup(context)
     site = _site(cfg, context, hid)
     theta = _theta(msg, site, cfg)
+    cfg, grid = _evaluation_request(cfg, msg.content[P.CONFIG] if P.CONFIG in msg.content else {})
     scores = adapt_and_score(cfg, site, theta)
     metrics = {
         P.NUM_EXAMPLES: scores.num_query,
@@ -190,9 +192,28 @@ def evaluate(msg: Message, context: Context) -> Message:
         P.LOSS_BEFORE: scores.loss_before,
         P.HOSPITAL_ID: hid,
     }
-    if cfg.tune_adaptation:  # scores at every point of the adaptation grid, for the server to choose on
+    if grid:  # a validation hospital: scores at every point of the adaptation grid, for the server's choice
         for point, sc in adaptation_grid_scores(cfg, site, theta).items():
             metrics[P.grid_metric(P.AUC, point)] = sc.auc
             metrics[P.grid_metric(P.ACCURACY, point)] = sc.accuracy
     return Message(RecordDict({P.METRICS: MetricRecord({k: float(v) if isinstance(v, float) else v
                                                         for k, v in metrics.items()})}), reply_to=msg)
+
+
+MAX_ADAPT_STEPS = 1000
+
+
+def _evaluation_request(cfg: Config, config) -> tuple[Config, bool]:
+    """What the server asks of an evaluation: the grid (validation) or an adaptation it chose (test).
+
+    The choice is checked like a run-config value; anything else keeps the run config's adaptation.
+    """
+    grid = bool(int(config.get(P.ADAPT_GRID, 0)))
+    if P.ADAPT_METHOD not in config:
+        return cfg, grid
+    method, lr, steps = str(config[P.ADAPT_METHOD]), float(config[P.ADAPT_LR]), int(config[P.ADAPT_STEPS])
+    if method == "none":  # theta as is
+        method, lr, steps = cfg.adapt_method, cfg.adapt_lr, 0
+    if method not in ADAPT_METHODS or not (lr > 0 and math.isfinite(lr)) or not 0 <= steps <= MAX_ADAPT_STEPS:
+        raise ValueError(f"the server asked for an invalid adaptation ({method!r}, lr={lr}, steps={steps})")
+    return dataclasses.replace(cfg, adapt_method=method, adapt_lr=lr, adapt_steps=steps), grid

@@ -28,9 +28,9 @@ from common.maml import Params, Scores, evaluate, forward, mean_gradient, per_sa
 
 # The grid the server chooses from (per method, learning rates of that method's own scale).
 GRID_LRS: dict[str, tuple[float, ...]] = {
-    "sgd": (0.003, 0.01, 0.03, 0.1),
-    "clipped-sgd": (0.03, 0.1, 0.3),
-    "adam": (1e-4, 3e-4, 1e-3),
+    "sgd": (0.01, 0.03, 0.1),
+    "clipped-sgd": (0.1, 0.3),
+    "adam": (3e-4, 1e-3),
 }
 GRID_STEPS: tuple[int, ...] = (0, 5, 20, 50)
 AS_IS = ("none", 0.0, 0)  # the grid point "theta as is, no adaptation"

@@ -24,6 +24,10 @@ NUM_SUPPORT = "num-support"
 
 # Config keys (server -> hospital)
 SERVER_ROUND = "server-round"
+ADAPT_GRID = "adapt-grid"        # evaluate: score every point of the adaptation grid (validation hospitals)
+ADAPT_METHOD = "adapt-method"    # evaluate: adapt this way (the choice made on validation hospitals)
+ADAPT_LR = "adapt-lr"
+ADAPT_STEPS = "adapt-steps"
 
 # Client state keys
 LEDGER_STATE = "privacy-ledger"

@@ -159,6 +159,34 @@ def _restore(cfg: Config, strategy: MetaGradientStrategy, folder: Path) -> Serve
     return ckpt
 
 
+def evaluate_held_out(grid: Grid, cfg: Config, strategy: MetaGradientStrategy, rnd: int,
+                      arrays: ArrayRecord):
+    """Score theta at the held-out hospitals; with `tune-adaptation` in two steps.
+
+    1. The validation hospitals score every point of the adaptation grid; the strategy picks the
+       best (`MetaGradientStrategy.choose_adaptation`).
+    2. The test hospitals adapt with that choice, as a new hospital would, and report before/after.
+    Without validation hospitals (or no choice possible) the test hospitals adapt the fixed way.
+    """
+    val_nodes, test_nodes = strategy.split_held_out()
+    adaptation = ConfigRecord({})
+    if val_nodes:
+        replies = exchange(grid, list(strategy.configure_evaluate(rnd, arrays, ConfigRecord({P.ADAPT_GRID: 1}), grid,
+                                                                  nodes=val_nodes)), timeout=cfg.round_timeout)
+        for who in strategy.unanswered(replies):
+            log.warning("round %d: no validation reply from %s within round-timeout=%gs", rnd, who, cfg.round_timeout)
+        choice = strategy.choose_adaptation(rnd, replies)
+        if choice is not None:
+            adaptation = ConfigRecord({P.ADAPT_METHOD: choice[0], P.ADAPT_LR: choice[1], P.ADAPT_STEPS: choice[2]})
+    else:
+        strategy.chosen_adaptation = None
+    replies = exchange(grid, list(strategy.configure_evaluate(rnd, arrays, adaptation, grid, nodes=test_nodes)),
+                       timeout=cfg.round_timeout)
+    for who in strategy.unanswered(replies):
+        log.warning("round %d: no evaluation reply from %s within round-timeout=%gs", rnd, who, cfg.round_timeout)
+    return strategy.aggregate_evaluate(rnd, replies)
+
+
 def _adaptation(cfg: Config, strategy: MetaGradientStrategy) -> dict[str, Any]:
     """How the reported held-out scores were adapted: chosen on validation hospitals, or the fixed one."""
     if strategy.chosen_adaptation is not None:
@@ -234,12 +262,7 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
         if rep.dropped or silent:
             entry["dropped_reasons"] = rep.dropped + [f"{who}: no reply within round-timeout" for who in silent]
         if strategy.held_out_nodes and (rnd % cfg.eval_every == 0 or rnd == cfg.num_server_rounds):
-            ev_replies = exchange(grid, list(strategy.configure_evaluate(rnd, arrays, ConfigRecord({}), grid)),
-                                  timeout=cfg.round_timeout)
-            for who in strategy.unanswered(ev_replies):
-                log.warning("round %d: no evaluation reply from %s within round-timeout=%gs", rnd, who,
-                            cfg.round_timeout)
-            ev = strategy.aggregate_evaluate(rnd, ev_replies)
+            ev = evaluate_held_out(grid, cfg, strategy, rnd, arrays)
             if ev is not None:
                 last_eval = dict(ev)
                 entry.update({"accuracy": last_eval[P.ACCURACY], "auc": last_eval[P.AUC],

@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import Strategy
 from common import protocol as P
 from common.adaptation import choose_adaptation
 from common.aggregate import InvalidUpdate, OuterOptimizer, validate_update, weighted_mean
-from common.config import Config
+from common.config import ADAPT_METHODS, Config
 from common.hospital import validation_hospitals
 from common.maml import Params
 
@@ -222,19 +222,47 @@ class MetaGradientStrategy(Strategy):
         self.hospitals = {int(h): HospitalRecord(**rec) for h, rec in state["hospitals"].items()}
 
     # -- evaluation on held-out hospitals ---------------------------------------------------------
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return self._send_theta(server_round, arrays, config, self.held_out_nodes, MessageType.EVALUATE)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Size-weighted mean scores of the held-out hospitals that answered.
+    def split_held_out(self) -> tuple[list[int], list[int]]:
+        """(validation nodes, test nodes) among the connected held-out hospitals.
 
         With `tune-adaptation` the validation hospitals (`common.hospital.validation_hospitals`)
-        choose the adaptation (method, lr, steps) from the grid every hospital scored
-        (`common.adaptation.choose_adaptation`), and the reported scores are those of the *other*
-        (test) hospitals adapted that way; `self.chosen_adaptation` holds the choice.
+        choose the adaptation and the others are reported; otherwise every held-out hospital is a
+        test hospital adapted the fixed way. With no connected test hospital, nothing is chosen.
         """
-        rows, grids = [], []
+        validation = set(validation_hospitals(self.cfg))
+        val = [n for n in self.held_out_nodes if self.hospital_of[n] in validation]
+        test = [n for n in self.held_out_nodes if self.hospital_of[n] not in validation]
+        return (val, test) if test else ([], test)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid, nodes: Iterable[int] | None = None) -> Iterable[Message]:
+        nodes = self.held_out_nodes if nodes is None else nodes
+        return self._send_theta(server_round, arrays, config, nodes, MessageType.EVALUATE)
+
+    def choose_adaptation(self, server_round: int, replies: Iterable[Message]) -> tuple[str, float, int] | None:
+        """The adaptation grid point with the best mean AUC over the validation hospitals' replies."""
+        by_hospital = []
+        for msg in replies:
+            if msg.has_error() or P.METRICS not in msg.content:
+                log.warning("round %d: validation reply from %s dropped", server_round, self._who(msg))
+                continue
+            grid: dict[tuple[str, float, int], float] = {}
+            for key, value in msg.content[P.METRICS].items():
+                parsed = P.parse_grid_metric(str(key))
+                if parsed is not None and parsed[0] == P.AUC and parsed[1][0] in ("none", *ADAPT_METHODS):
+                    grid[parsed[1]] = float(value)
+            if grid:
+                by_hospital.append(grid)
+        choice = choose_adaptation(by_hospital) if by_hospital else None
+        if choice is None:
+            log.warning("round %d: no validation hospital had an AUC to choose the adaptation on; the test "
+                        "hospitals adapt the fixed way (adapt-method, adapt-lr, adapt-steps)", server_round)
+        self.chosen_adaptation = choice
+        return choice
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Size-weighted mean scores of the (test) hospitals that answered."""
+        rows = []
         for msg in replies:
             if msg.has_error() or P.METRICS not in msg.content:
                 log.warning("round %d: evaluation reply from %s dropped", server_round, self._who(msg))
@@ -243,30 +271,9 @@ class MetaGradientStrategy(Strategy):
             if any(k not in m for k in P.EVAL_METRICS) or float(m[P.NUM_EXAMPLES]) <= 0:
                 log.warning("round %d: incomplete evaluation reply from %s dropped", server_round, self._who(msg))
                 continue
-            row = {k: float(m[k]) for k in P.EVAL_METRICS}
-            grid: dict[tuple, dict[str, float]] = {}
-            for key in m:
-                parsed = P.parse_grid_metric(str(key))
-                if parsed is not None:
-                    grid.setdefault(parsed[1], {})[parsed[0]] = float(m[key])
-            rows.append(row)
-            grids.append((self.hospital_of.get(self._node_of(msg), -1), grid))
+            rows.append({k: float(m[k]) for k in P.EVAL_METRICS})
         if not rows:
             return None
-        validation = set(validation_hospitals(self.cfg))
-        if validation:
-            val_scores = [{p: v.get(P.AUC, float("nan")) for p, v in g.items()} for h, g in grids if h in validation]
-            choice = choose_adaptation(val_scores) if val_scores else None
-            test = [(r, g) for r, (h, g) in zip(rows, grids) if h not in validation]
-            if choice is not None and test and all(choice in g for _, g in test):
-                self.chosen_adaptation = choice
-                rows = [{**r, P.AUC: g[choice].get(P.AUC, float("nan")),
-                         P.ACCURACY: g[choice].get(P.ACCURACY, float("nan"))} for r, g in test]
-            else:
-                log.warning("round %d: could not choose the adaptation on validation hospitals %s (no AUC there, "
-                            "or no test hospital answered); reporting the fixed adaptation at every held-out "
-                            "hospital", server_round, sorted(validation))
-                self.chosen_adaptation = None
         out = {"hospitals": float(len(rows))}
         w = np.array([r[P.NUM_EXAMPLES] for r in rows])
         for k in (P.ACCURACY, P.AUC, P.LOSS, P.ACCURACY_BEFORE, P.AUC_BEFORE, P.LOSS_BEFORE):

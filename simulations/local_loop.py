@@ -8,6 +8,7 @@ running every seed and setting through Ray would cost hours on a 2-core machine.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,11 @@ import numpy as np
 from common.aggregate import OuterOptimizer, weighted_mean
 from common.config import Config
 from common.data import held_out_hospitals
-from common.hospital import AdaptationScores, Site, adapt_and_score, load_site, new_model, train_round
+from common.adaptation import GridPoint, choose_adaptation
+from common.hospital import (
+    AdaptationScores, Site, adapt_and_score, adaptation_grid_scores, load_site, new_model, train_round,
+    validation_hospitals,
+)
 from common.maml import Params
 from common.model import get_params
 from common.privacy import PrivacyLedger
@@ -70,3 +75,24 @@ def meta_train(cfg: Config, training: list[Site], *, rounds: int | None = None) 
 
 def score_held_out(cfg: Config, held: list[Site], theta: Params) -> list[AdaptationScores]:
     return [adapt_and_score(cfg, s, theta) for s in held]
+
+
+def evaluate_held_out(cfg: Config, held: list[Site], theta: Params) -> tuple[GridPoint | None, list[AdaptationScores]]:
+    """What the server's evaluation computes (`server.app.evaluate_held_out`), in process.
+
+    With `tune-adaptation`: the validation hospitals score the adaptation grid, `choose_adaptation`
+    picks the point, the test hospitals adapt that way. Returns the choice and the test hospitals' scores.
+    """
+    val_ids = set(validation_hospitals(cfg))
+    val = [s for s in held if s.hospital_id in val_ids]
+    test = [s for s in held if s.hospital_id not in val_ids]
+    choice = None
+    if val and test:
+        grids = [{p: sc.auc for p, sc in adaptation_grid_scores(cfg, s, theta).items()} for s in val]
+        choice = choose_adaptation(grids)
+    run_cfg = cfg
+    if choice is not None:
+        method, lr, steps = choice
+        run_cfg = (dataclasses.replace(cfg, adapt_steps=0) if method == "none" else
+                   dataclasses.replace(cfg, adapt_method=method, adapt_lr=lr, adapt_steps=steps))
+    return choice, [adapt_and_score(run_cfg, s, theta) for s in (test or held)]

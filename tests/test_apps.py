@@ -100,7 +100,7 @@ def test_hospital_declines_instead_of_exceeding_its_budget(run_config) -> None:
 
 
 def test_strategy_aggregates_valid_replies_and_drops_bad_ones(run_config, caplog) -> None:
-    cfg, theta = theta_for({**run_config, "min-replies": 1})
+    cfg, theta = theta_for({**run_config, "min-replies": 1, "meta-optimizer": "adam", "meta-lr": 0.003})
     strategy = make_strategy(cfg, theta, {100 + h: h for h in range(10)}, held_out={8, 9})
     assert strategy.training_nodes == [100 + h for h in range(8)] and strategy.held_out_nodes == [108, 109]
     arrays = to_array_record(theta)

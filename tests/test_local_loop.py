@@ -24,7 +24,7 @@ from common.model import get_params
 from conftest import REPO, base_run_config
 from fake_grid import InProcessGrid
 from server.app import run_federation
-from simulations.local_loop import meta_train, score_held_out, sites_for
+from simulations.local_loop import evaluate_held_out, meta_train, sites_for
 
 
 @pytest.fixture(autouse=True)
@@ -45,11 +45,16 @@ def rc_for(medmnist_dir, tmp_path, **over) -> dict:
 
 def expected_final(cfg, theta) -> dict[str, float]:
     _, held = sites_for(cfg)
-    scores = score_held_out(cfg, held, theta)
+    _, scores = evaluate_held_out(cfg, held, theta)
     w = np.array([s.num_query for s in scores], dtype=float)
-    return {"auc": float(np.dot(w, [s.auc for s in scores]) / w.sum()),
-            "accuracy": float(np.dot(w, [s.accuracy for s in scores]) / w.sum()),
-            "accuracy_before_adaptation": float(np.dot(w, [s.accuracy_before for s in scores]) / w.sum())}
+
+    def mean(values):  # the server's: size-weighted over the hospitals that have the figure
+        v = np.array(values, dtype=float)
+        ok = np.isfinite(v)
+        return float(np.dot(w[ok], v[ok]) / w[ok].sum())
+    return {"auc": mean([s.auc for s in scores]), "accuracy": mean([s.accuracy for s in scores]),
+            "accuracy_before_adaptation": mean([s.accuracy_before for s in scores]),
+            "auc_before_adaptation": mean([s.auc_before for s in scores])}
 
 
 def assert_same(summary: dict, theta_flower: dict, cfg) -> None:
@@ -61,6 +66,12 @@ def assert_same(summary: dict, theta_flower: dict, cfg) -> None:
         torch.testing.assert_close(theta_flower[k].float(), v.float(), atol=1e-6, rtol=1e-5)
     assert max(abs(a - b) for a, b in zip(local.meta_losses, [r["meta_loss"] for r in summary["rounds"]])) < 1e-5
     want = expected_final(cfg, local.theta)
+    if cfg.tune_adaptation:
+        _, held = sites_for(cfg)
+        choice, _ = evaluate_held_out(cfg, held, local.theta)
+        got = summary["final"]["adaptation"]
+        assert got["chosen_on"] == "validation hospitals"
+        assert (got["method"], got["lr"], got["steps"]) == choice
     for key, value in want.items():
         assert summary["final"][key] == pytest.approx(value, abs=1e-6), key
     if cfg.dp:
@@ -98,3 +109,20 @@ def test_local_loop_equals_a_flower_simulation_without_dp(medmnist_dir, tmp_path
     summary = json.loads((res / "summary.json").read_text())
     theta = torch.load(res / "model.pt", weights_only=True)
     assert_same(summary, theta, load_config(rc))
+
+
+def test_adaptation_is_chosen_on_validation_hospitals_and_reported_on_test_hospitals(medmnist_dir, tmp_path) -> None:
+    rc = rc_for(medmnist_dir, tmp_path, dp=False, algorithm="fomaml", **{"num-hospitals": 7, "num-held-out": 4,
+                                                                        "tune-adaptation": True, "shots": 3})
+    cfg = load_config(rc)
+    nodes = {100 + h: {"partition-id": h, "num-partitions": cfg.num_hospitals} for h in range(cfg.num_hospitals)}
+    grid = InProcessGrid(rc, nodes)
+    summary = run_federation(grid, cfg)
+    theta = torch.load(tmp_path / "results" / "model.pt", weights_only=True)
+    assert_same(summary, theta, cfg)
+    val = set(H.validation_hospitals(cfg))
+    held = set(summary["held_out_hospitals"])
+    assert len(val) == 2 and val < held
+    evaluated = {node - 100 for kind, node, _ in grid.sent if kind == "evaluate"}
+    assert evaluated == held
+    assert summary["final"]["hospitals"] == 2  # only the test hospitals are reported

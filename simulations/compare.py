@@ -1,0 +1,392 @@
+"""DP meta-learning against DP FedAvg and the hospital alone, at a fixed epsilon, on new hospitals.
+
+    python -m simulations.compare simulations/experiments/compare-dp.toml [--quick] [--out DIR]
+        [--only-dataset FLAG] [--cache DIR]
+
+The same functions as the Flower apps: every federated initialisation is trained by
+`simulations.local_loop.meta_train` (the ClientApp's `train_round` and the strategy's
+`OuterOptimizer`, without the transport), every adaptation by `common.adaptation.score_grid`,
+and the adaptation is chosen by `common.adaptation.choose_adaptation` on the **validation**
+hospitals (`common.hospital.validation_hospitals`: the first half of the held-out hospitals), as
+the server does. Scores are reported on the other held-out (**test**) hospitals only, before
+adaptation (theta as is) and after the chosen adaptation; each method gets its own choice.
+
+The experiment file (TOML):
+
+    name = "..."; datasets = [...]; seeds = [...]; epsilons = [8, "inf"]; shots = [1, 5, 10]
+    dirichlet-alphas = [1.0]; draws = 3
+    [run-config]            # overrides of pyproject's [tool.flwr.app.config] for every method
+    [[method]]              # name, kind = "federated" | "local" | "centralised",
+    name = "fomaml"         # epsilons (default: the file's), run-config (this method's own settings)
+    [quick]                 # what --quick replaces (seeds, epsilons, shots, run-config, ...)
+
+Outputs in DIR (default ``docs/results/<name>``; ``<name>-quick`` with ``--quick``): ``scores.csv``
+(every seed x method x epsilon x hospital x K x draw x grid point), ``runs.csv`` (one row per trained
+initialisation), ``results.md`` (tables: mean +- std over seeds; paired differences on the same
+test draws with 95% t-intervals over seeds) and ``command.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import shlex
+import sys
+import time
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PREFIX = "[compare]"
+INF = math.inf
+KINDS = ("federated", "local", "centralised")
+
+
+def _eps(v: Any) -> float:
+    if isinstance(v, str) and v.lower() in ("inf", "infinity"):
+        return INF
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise ValueError(f"epsilon {v!r}: a positive number or \"inf\"")
+    return float(v)
+
+
+def eps_label(e: float) -> str:
+    return "inf" if math.isinf(e) else f"{e:g}"
+
+
+def load_experiment(path: Path, *, quick: bool) -> dict[str, Any]:
+    with open(path, "rb") as fh:
+        raw = tomllib.load(fh)
+    if quick:
+        q = raw.get("quick", {})
+        raw = {**copy.deepcopy(raw), **{k: v for k, v in q.items() if k != "run-config"}}
+        raw["run-config"] = {**raw.get("run-config", {}), **q.get("run-config", {})}
+    for key in ("name", "datasets", "seeds", "method"):
+        if key not in raw:
+            raise ValueError(f"experiment file {path}: missing key {key!r}")
+    raw["epsilons"] = [_eps(e) for e in raw.get("epsilons", ["inf"])]
+    for m in raw["method"]:
+        if m.get("kind", "federated") not in KINDS:
+            raise ValueError(f"method {m.get('name')!r}: kind must be one of {KINDS}")
+        m["epsilons"] = [_eps(e) for e in m.get("epsilons", raw["epsilons"])] if m.get("kind", "federated") == "federated" else [INF]
+    return raw
+
+
+def app_config() -> dict[str, Any]:
+    with open(REPO_ROOT / "pyproject.toml", "rb") as fh:
+        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+
+
+def method_run_config(base: Mapping[str, Any], method: Mapping[str, Any], eps: float) -> dict[str, Any]:
+    rc = {**base, **method.get("run-config", {})}
+    if method.get("kind", "federated") == "federated":
+        rc["dp"] = not math.isinf(eps)
+        if rc["dp"]:
+            rc["target-epsilon"] = eps
+    return rc
+
+
+def train(method: Mapping[str, Any], rc: Mapping[str, Any], cache: Path | None, centralised: Mapping[str, Any]):
+    """theta for one (method, epsilon, seed, dataset, skew) and facts about its training (cached by config)."""
+    import torch
+
+    from common.baselines import random_init, train_centralised
+    from common.config import load_config
+    from common.hospital import new_model, noise_multiplier_for
+    from simulations.local_loop import meta_train, sites_for
+
+    kind = method.get("kind", "federated")
+    ignore = {"results-dir", "eval-every", "round-timeout", "wait-for-nodes", "data-dir"}
+    blob = json.dumps({"kind": kind, "rc": {k: v for k, v in sorted(rc.items()) if k not in ignore},
+                       "centralised": dict(centralised) if kind == "centralised" else {}, "v": 2}, sort_keys=True)
+    path = cache / f"{hashlib.sha1(blob.encode()).hexdigest()[:16]}.pt" if cache else None
+    if path is not None and path.exists():
+        saved = torch.load(path, weights_only=False)
+        return saved["theta"], {**saved["facts"], "cached": True}
+    cfg = load_config(rc)
+    training, _ = sites_for(cfg)
+    info = training[0].info
+    t0 = time.perf_counter()
+    facts: dict[str, Any] = {"max_epsilon": 0.0, "declined": 0, "dp_steps_max": 0, "sigma": ""}
+    if kind == "federated":
+        run = meta_train(cfg, training)
+        theta = run.theta
+        if cfg.dp:
+            facts["max_epsilon"] = max(run.epsilons.values())
+            sig = [noise_multiplier_for(cfg, s.num_records) for s in training]
+            facts["sigma"] = f"{min(sig):.3g}-{max(sig):.3g}"
+        facts["declined"] = run.declined
+        facts["dp_steps_max"] = cfg.gradient_steps_per_round * cfg.planned_rounds_per_hospital
+        facts["final_meta_loss"] = run.meta_losses[-1] if run.meta_losses else float("nan")
+    elif kind == "centralised":
+        x = torch.cat([s.x for s in training])
+        y = torch.cat([s.y for s in training])
+        res = train_centralised(new_model(cfg, info), random_init(in_channels=info.n_channels,
+                                num_classes=info.n_classes, seed=cfg.seed), x, y, num_classes=info.n_classes,
+                                epochs=int(centralised.get("epochs", 30)), lr=float(centralised.get("lr", 1e-3)),
+                                batch_size=int(centralised.get("batch-size", 128)), val_fraction=0.1, seed=cfg.seed)
+        theta = res.theta
+    else:
+        theta = random_init(in_channels=info.n_channels, num_classes=info.n_classes, seed=cfg.seed)
+    facts["train_seconds"] = round(time.perf_counter() - t0, 1)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"theta": theta, "facts": facts}, path)
+    return theta, {**facts, "cached": False}
+
+
+def score(theta, cfg, held, val_ids, shots, draws: int, seed: int) -> list[dict[str, Any]]:
+    """Every held-out hospital x K x draw x adaptation-grid point (the server's grid)."""
+    import torch
+
+    from common.adaptation import score_grid
+    from common.baselines import kshot_draws
+    from common.hospital import new_model
+
+    rows = []
+    for site in held:
+        model = new_model(cfg, site.info)
+        role = "validation" if site.hospital_id in val_ids else "test"
+        for k in shots:
+            for dr in kshot_draws(site.y.numpy(), hospital_id=site.hospital_id, shots=k, draws=draws, seed=seed):
+                s, q = torch.as_tensor(dr.support), torch.as_tensor(dr.query)
+                grid = score_grid(model, theta, (site.x[s], site.y[s]), (site.x[q], site.y[q]),
+                                  num_classes=site.info.n_classes, max_grad_norm=cfg.max_grad_norm)
+                for (m, lr, st), sc in grid.items():
+                    rows.append({"hospital": site.hospital_id, "role": role, "shots": k, "draw": dr.draw,
+                                 "adapt_method": m, "adapt_lr": lr, "adapt_steps": st,
+                                 "auc": sc.auc, "accuracy": sc.accuracy})
+    return rows
+
+
+def run(exp: Mapping[str, Any], *, cache: Path | None, only_dataset: str | None, log=print):
+    import torch
+
+    from common.config import load_config
+    from common.hospital import validation_hospitals
+    from simulations.local_loop import sites_for
+
+    torch.set_num_threads(1)
+    base = {**app_config(), **exp.get("run-config", {}), "tune-adaptation": True}
+    d = Path(str(base["data-dir"])).expanduser()
+    base["data-dir"] = str(d if d.is_absolute() else (REPO_ROOT / d).resolve())
+    shots = [int(k) for k in exp.get("shots", [5])]
+    base["shots"] = max(shots)  # the partition's minimum site size, the same for every K
+    score_rows, run_rows = [], []
+    for dataset in exp["datasets"]:
+        if only_dataset and dataset != only_dataset:
+            continue
+        for alpha in exp.get("dirichlet-alphas", [base["dirichlet-alpha"]]):
+            for seed in exp["seeds"]:
+                rc0 = {**base, "dataset": dataset, "dirichlet-alpha": float(alpha), "seed": int(seed)}
+                cfg0 = load_config(rc0)
+                _, held = sites_for(cfg0)
+                val_ids = set(validation_hospitals(cfg0))
+                main_alpha = float(exp.get("dirichlet-alphas", [alpha])[0])
+                for method in exp["method"]:
+                    eps_list = method["epsilons"]
+                    if float(alpha) != main_alpha and "skew-epsilons" in method:  # the skew sweep: fewer epsilons
+                        eps_list = [_eps(e) for e in method["skew-epsilons"]]
+                    for eps in eps_list:
+                        rc = method_run_config(rc0, method, eps)
+                        t0 = time.perf_counter()
+                        theta, facts = train(method, rc, cache, exp.get("centralised", {}))
+                        common = {"dataset": dataset, "dirichlet_alpha": float(alpha), "seed": int(seed),
+                                  "method": method["name"], "epsilon": eps_label(eps)}
+                        score_rows += [{**common, **r} for r in score(theta, load_config(rc), held, val_ids, shots,
+                                                                      int(exp.get("draws", 3)), int(seed))]
+                        run_rows.append({**common, **facts, "total_seconds": round(time.perf_counter() - t0, 1)})
+                        log(f"{PREFIX} {dataset} alpha={alpha:g} seed={seed} {method['name']} eps={eps_label(eps)}: "
+                            f"train {facts['train_seconds']}s{' (cached)' if facts['cached'] else ''}, "
+                            f"total {run_rows[-1]['total_seconds']}s, max eps {facts['max_epsilon']:.3f}", flush=True)
+    return score_rows, run_rows
+
+
+# --------------------------------------------------------------------------- tables
+
+CELL = ["dataset", "dirichlet_alpha", "method", "epsilon", "shots"]
+
+
+def choose_and_report(scores):
+    """Per (cell, seed): the adaptation chosen on validation hospitals, test scores before and after it."""
+    import pandas as pd
+
+    from common.adaptation import AS_IS, choose_adaptation
+
+    out = []
+    for key, grp in scores.groupby(CELL + ["seed"], sort=False):
+        val = grp[grp.role == "validation"]
+        by_h = [{(r.adapt_method, r.adapt_lr, r.adapt_steps): r.auc for r in g.itertuples()}
+                for _, g in val.groupby(["hospital", "adapt_method", "adapt_lr", "adapt_steps"]).auc.mean()
+                .reset_index().groupby("hospital")]
+        choice = choose_adaptation(by_h) or AS_IS
+        test = grp[grp.role == "test"]
+        before = test[(test.adapt_method == AS_IS[0])]
+        after = test[(test.adapt_method == choice[0]) & (test.adapt_lr == choice[1]) & (test.adapt_steps == choice[2])]
+        for (h, dr), b in before.groupby(["hospital", "draw"]):
+            a = after[(after.hospital == h) & (after.draw == dr)]
+            out.append({**dict(zip(CELL + ["seed"], key)), "hospital": h, "draw": dr,
+                        "auc_before": float(b.auc.iloc[0]), "acc_before": float(b.accuracy.iloc[0]),
+                        "auc_after": float(a.auc.iloc[0]), "acc_after": float(a.accuracy.iloc[0]),
+                        "choice": f"{choice[0]} {choice[1]:g} x{choice[2]}"})
+    return pd.DataFrame(out)
+
+
+def _ms(v) -> str:
+    import numpy as np
+
+    v = np.asarray([x for x in v if x == x], dtype=float)
+    if v.size == 0:
+        return "n/a"
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if v.size > 1 else f"{v.mean():.3f}"
+
+
+def paired(report, reference: str, column: str = "auc_after", ref_column: str = "auc_after"):
+    """Paired differences against `reference` on the same (seed, hospital, draw): mean, t-interval over seeds."""
+    import numpy as np
+    import pandas as pd
+    from scipy import stats
+
+    on = ["dataset", "dirichlet_alpha", "epsilon", "shots", "seed", "hospital", "draw"]
+    ref = report[report.method == reference][on + [ref_column]].rename(columns={ref_column: "ref"})
+    rows = []
+    if ref.empty:
+        return pd.DataFrame()
+    for key, grp in report[report.method != reference].groupby(["dataset", "dirichlet_alpha", "method", "epsilon",
+                                                                  "shots"], sort=False):
+        m = pd.merge(grp, ref, on=on)
+        if m.empty:
+            continue
+        m["d"] = m[column] - m["ref"]
+        per_seed = m.groupby("seed").d.mean().dropna().to_numpy()
+        mean = float(per_seed.mean()) if per_seed.size else float("nan")
+        if per_seed.size > 1:
+            half = float(stats.t.ppf(0.975, per_seed.size - 1) * per_seed.std(ddof=1) / np.sqrt(per_seed.size))
+        else:
+            half = float("nan")
+        rows.append({**dict(zip(["dataset", "dirichlet_alpha", "method", "epsilon", "shots"], key)),
+                     "reference": reference, "d_auc": mean, "ci95_lo": mean - half, "ci95_hi": mean + half,
+                     "share_won": float((m.d.dropna() > 0).mean()), "pairs": int(m.d.notna().sum()),
+                     "seeds": int(per_seed.size)})
+    return pd.DataFrame(rows)
+
+
+def render(exp, report, runs, pairs: dict[str, Any], command: str) -> str:
+    lines = [f"# `{exp['name']}`: DP meta-learning vs DP FedAvg vs the hospital alone, on new hospitals", "",
+             f"Command: `{command}`", "",
+             "Every federated initialisation is trained with the apps' own functions (`local_loop.meta_train`); "
+             "the adaptation (method × lr × steps from the server's grid, 0 steps included) is chosen per method, "
+             "ε, K and seed on the **validation** hospitals; the table reports the **test** hospitals only "
+             f"(seeds {list(exp['seeds'])}, {exp.get('draws', 3)} K-shot draws per test hospital, the same draws for "
+             "every method). Cells: AUC mean ± std over seeds of the per-seed mean over test hospitals and draws. "
+             "ΔAUC: paired difference on the same (seed, hospital, draw), mean over seeds [95% t-interval over "
+             "seeds] and the share of pairs won.", ""]
+    for ds in report.dataset.unique():
+        for alpha in sorted(report[report.dataset == ds].dirichlet_alpha.unique()):
+            sel = report[(report.dataset == ds) & (report.dirichlet_alpha == alpha)]
+            lines += [f"## {ds}, label skew Dirichlet α = {alpha:g}", ""]
+            for k in sorted(sel.shots.unique()):
+                lines += [f"### K = {k} per class", "",
+                          "| method | ε | AUC before adaptation | AUC after chosen adaptation | chosen (most seeds) | "
+                          "ΔAUC vs DP FedAvg (same ε) | ΔAUC vs hospital alone |", "|---|---|---|---|---|---|---|"]
+                sk = sel[sel.shots == k]
+                order = sorted(sk.groupby(["method", "epsilon"]).groups, key=lambda me: (
+                    [m["name"] for m in exp["method"]].index(me[0]), INF if me[1] == "inf" else float(me[1])))
+                for meth, e in order:
+                    g = sk[(sk.method == meth) & (sk.epsilon == e)]
+                    ps = g.groupby("seed")[["auc_before", "auc_after"]].mean()
+                    choice = g.drop_duplicates("seed").choice.value_counts()
+                    cells = []
+                    for ref in ("fedavg", "local"):
+                        p = pairs.get(ref)
+                        row = None if p is None or p.empty else p[
+                            (p.dataset == ds) & (p.dirichlet_alpha == alpha) & (p.method == meth) & (p.shots == k)
+                            & (p.epsilon == e)]
+                        cells.append("" if row is None or row.empty else
+                                     f"{row.d_auc.iloc[0]:+.3f} [{row.ci95_lo.iloc[0]:+.3f}, {row.ci95_hi.iloc[0]:+.3f}] "
+                                     f"{100 * row.share_won.iloc[0]:.0f}%")
+                    e_cell = "∞ (no DP)" if e == "inf" else e
+                    lines.append(f"| {meth} | {e_cell} | {_ms(ps.auc_before)} | {_ms(ps.auc_after)} | "
+                                 f"{choice.index[0]} ({choice.iloc[0]}/{choice.sum()}) | {cells[0]} | {cells[1]} |")
+                lines.append("")
+    lines += ["## Training runs", "", "| dataset | α | seed | method | ε | max ε spent | σ range | DP steps per hospital "
+              "(planned) | declined rounds | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs.itertuples():
+        lines.append(f"| {r.dataset} | {r.dirichlet_alpha:g} | {r.seed} | {r.method} | {r.epsilon} | "
+                     f"{r.max_epsilon:.3f} | {r.sigma} | {r.dp_steps_max} | {r.declined} | {r.train_seconds} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m simulations.compare", description=__doc__.split("\n\n")[0])
+    ap.add_argument("experiment", type=Path)
+    ap.add_argument("--quick", action="store_true", help="the file's [quick] settings (CI-sized)")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--cache", type=Path, default=None, help="folder caching trained initialisations")
+    ap.add_argument("--only-dataset", default=None)
+    ap.add_argument("--only-alphas", default=None, help="comma-separated subset of the file's dirichlet-alphas")
+    ap.add_argument("--only-seeds", default=None, help="comma-separated subset of the file's seeds (to split a run "
+                                                          "over processes; --merge joins the parts)")
+    ap.add_argument("--merge", type=Path, nargs="*", default=None,
+                    help="with --tables-only: output folders of partial runs whose CSVs are joined into --out")
+    ap.add_argument("--tables-only", action="store_true", help="rebuild results.md from scores.csv and runs.csv")
+    args = ap.parse_args(argv)
+    import pandas as pd
+
+    try:
+        exp = load_experiment(args.experiment, quick=args.quick)
+    except (OSError, ValueError, tomllib.TOMLDecodeError) as err:
+        print(f"compare: {err}", file=sys.stderr)
+        return 2
+    out = args.out or REPO_ROOT / "docs" / "results" / (exp["name"] + ("-quick" if args.quick else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m simulations.compare " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    if args.only_alphas:
+        keep_a = {float(v) for v in args.only_alphas.split(",")}
+        exp["dirichlet-alphas"] = [a for a in exp.get("dirichlet-alphas", [1.0]) if float(a) in keep_a]
+    if args.only_seeds:
+        keep = {int(v) for v in args.only_seeds.split(",")}
+        exp["seeds"] = [s for s in exp["seeds"] if int(s) in keep]
+    if args.tables_only:
+        parts = args.merge or [out]
+        scores = pd.concat([pd.read_csv(p / "scores.csv", dtype={"epsilon": str}) for p in parts], ignore_index=True)
+        runs = pd.concat([pd.read_csv(p / "runs.csv", dtype={"epsilon": str}) for p in parts], ignore_index=True)
+        command = "; ".join(dict.fromkeys((p / "command.txt").read_text().strip() for p in parts))
+        if args.merge:
+            scores.to_csv(out / "scores.csv", index=False)
+            runs.to_csv(out / "runs.csv", index=False)
+            (out / "command.txt").write_text(command + "\n")
+    else:
+        score_rows, run_rows = run(exp, cache=args.cache, only_dataset=args.only_dataset)
+        scores, runs = pd.DataFrame(score_rows), pd.DataFrame(run_rows)
+        scores.to_csv(out / "scores.csv", index=False)
+        runs.to_csv(out / "runs.csv", index=False)
+        (out / "command.txt").write_text(command + "\n")
+    scores["epsilon"] = scores.epsilon.astype(str)
+    runs["epsilon"] = runs.epsilon.astype(str)
+    report = choose_and_report(scores)
+    report.to_csv(out / "report.csv", index=False)
+    pairs = {"fedavg": paired(report, "fedavg"),
+             "local": paired(report, "local")}
+    # against the hospital alone, compare at every epsilon with local's only (no-DP) row
+    loc = report[report.method == "local"]
+    if not loc.empty:
+        rows = []
+        for e in report.epsilon.unique():
+            rows.append(loc.assign(epsilon=e))
+        pairs["local"] = paired(pd.concat([report[report.method != "local"], *rows]), "local")
+    for name, p in pairs.items():
+        if not p.empty:
+            p.to_csv(out / f"paired-{name}.csv", index=False)
+    (out / "results.md").write_text(render(exp, report, runs, pairs, command))
+    print(f"{PREFIX} wrote {out}/results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
