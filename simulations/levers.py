@@ -1,0 +1,67 @@
+"""One lever at a time: train with the defaults plus some run-config overrides, score on validation hospitals.
+
+    python -m simulations.levers --run-config "dataset='pneumoniamnist' data-dir='../shared/data/medmnist' local-lr=1.0"
+
+How the defaults were chosen (issue 8): the apps' own computation (`local_loop.meta_train`), then at
+the **validation** hospitals only (`common.hospital.validation_hospitals`; test hospitals are never
+looked at), K = 10 per class, 3 support draws each: AUC of theta as is and the three best points of
+the adaptation grid. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from simulations.run import ConfigProblem, resolve_run_config, validate_run_config
+from simulations.compare import REPO_ROOT
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m simulations.levers", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run-config", action="append", default=None)
+    ap.add_argument("--shots", type=int, default=10)
+    ap.add_argument("--draws", type=int, default=3)
+    args = ap.parse_args(argv)
+    try:
+        fused, overrides = resolve_run_config(REPO_ROOT, args.run_config)
+        cfg = validate_run_config({**fused, "tune-adaptation": True})
+    except ConfigProblem as err:
+        print(f"levers: {err}", file=sys.stderr)
+        return 2
+    import numpy as np
+    import torch
+
+    from common.adaptation import AS_IS, score_grid
+    from common.baselines import kshot_draws
+    from common.hospital import new_model, validation_hospitals
+    from simulations.local_loop import meta_train, sites_for
+
+    torch.set_num_threads(1)
+    training, held = sites_for(cfg)
+    val = [s for s in held if s.hospital_id in set(validation_hospitals(cfg))]
+    t0 = time.time()
+    run = meta_train(cfg, training)
+    seconds = time.time() - t0
+    auc: dict = {}
+    for site in val:
+        model = new_model(cfg, site.info)
+        for d in kshot_draws(site.y.numpy(), hospital_id=site.hospital_id, shots=args.shots, draws=args.draws,
+                             seed=cfg.seed):
+            s, q = torch.as_tensor(d.support), torch.as_tensor(d.query)
+            for p, sc in score_grid(model, run.theta, (site.x[s], site.y[s]), (site.x[q], site.y[q]),
+                                    num_classes=site.info.n_classes, max_grad_norm=cfg.max_grad_norm).items():
+                auc.setdefault(p, []).append(sc.auc)
+    means = {p: float(np.nanmean(v)) for p, v in auc.items()}
+    top = sorted(means.items(), key=lambda kv: -kv[1])[:3]
+    print(json.dumps({"overrides": {k: v for k, v in overrides.items() if k not in ("data-dir",)},
+                      "validation_hospitals": [s.hospital_id for s in val], "train_seconds": round(seconds, 1),
+                      "auc_as_is": round(means[AS_IS], 4), "top_adaptations": [[list(p), round(v, 4)] for p, v in top],
+                      "max_epsilon": round(max(run.epsilons.values()), 3) if run.epsilons else 0.0}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
