@@ -41,6 +41,7 @@ class HospitalPlan:
     noise_std_per_coordinate: float
     noise_to_signal_step: float
     noise_to_signal_round: float
+    expected_update_norm: float
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,18 @@ class Plan:
 
     def table(self) -> str:
         head = ("| records | q | E[batch] | σ | σ_eff | DP steps/round | rounds | DP steps | ε | δ | "
-                "noise/coord | NSR step | NSR round |")
-        rows = [head, "|" + "---|" * 13]
+                "noise/coord | NSR step | NSR round | update norm |")
+        rows = [head, "|" + "---|" * 14]
         for h in self.hospitals:
             rows.append(f"| {h.num_records} | {h.sample_rate:.4f} | {h.expected_batch:.1f} | "
                         f"{h.noise_multiplier:.3f} | {h.accounted_noise_multiplier:.3f} | {h.steps_per_round} | "
                         f"{h.planned_rounds} | {h.planned_steps} | {h.epsilon:.3f} | {h.delta:g} | "
                         f"{h.noise_std_per_coordinate:.4f} | {h.noise_to_signal_step:.2f} | "
-                        f"{h.noise_to_signal_round:.2f} |")
+                        f"{h.noise_to_signal_round:.2f} | ≈{h.expected_update_norm:.0f} |")
         rows.append("")
+        worst = max(h.expected_update_norm for h in self.hospitals)
+        rows.append(f"Largest expected update norm ≈{worst:.0f} (max-update-norm must be above it, or honest "
+                    "updates are rejected).")
         rows.append(f"{self.num_parameters:,} parameters; one round's aggregated update over "
                     f"{self.clients_per_round} hospitals (weighted by size): noise-to-signal ≥ "
                     f"{self.noise_to_signal_federation:.2f}")
@@ -89,8 +93,12 @@ def plan_run(cfg: Config, hospital_sizes: Sequence[int], *, num_parameters: int)
         batch = q * n
         per_coord = spec.noise_multiplier * spec.max_grad_norm / batch
         nsr_step = sigma * math.sqrt(d) / batch
+        # theta - theta_local after t noisy steps at the local lr: noise adds in sqrt(t), the clipped
+        # signal in at most t (the server's max-update-norm must leave room for it)
+        lr = cfg.local_lr if cfg.algorithm in ("fomaml", "maml", "fedavg") else cfg.local_lr * cfg.inner_lr
+        update = lr * (math.sqrt(t) * per_coord * math.sqrt(d) + t * cfg.max_grad_norm)
         plans.append(HospitalPlan(int(n), q, batch, sigma, sig_eff, t, cfg.planned_rounds_per_hospital, steps, eps,
-                                  cfg.target_delta, per_coord, nsr_step, nsr_step / math.sqrt(t)))
+                                  cfg.target_delta, per_coord, nsr_step, nsr_step / math.sqrt(t), update))
     k = min(cfg.clients_per_round, len(plans))
     total = float(sum(p.num_records for p in plans))
     # a round samples k of the N hospitals; a sampled hospital's weight is about n_i N / (k total), so

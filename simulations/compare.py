@@ -141,26 +141,56 @@ def train(method: Mapping[str, Any], rc: Mapping[str, Any], cache: Path | None, 
 
 
 def score(theta, cfg, held, val_ids, shots, draws: int, seed: int) -> list[dict[str, Any]]:
-    """Every held-out hospital x K x draw x adaptation-grid point (the server's grid)."""
+    """Validation hospitals at every point of the server's adaptation grid; test hospitals as is and at the choice.
+
+    As the server does it: per K, the validation hospitals' grid scores (mean over their draws)
+    choose the adaptation (`choose_adaptation`), and only then are the test hospitals adapted, with
+    that choice alone (a test hospital's scores never influence the choice).
+    """
+    import numpy as np
     import torch
 
-    from common.adaptation import score_grid
+    from common.adaptation import AS_IS, choose_adaptation, finetune, score_grid
     from common.baselines import kshot_draws
     from common.hospital import new_model
+    from common.maml import evaluate
 
     rows = []
-    for site in held:
-        model = new_model(cfg, site.info)
-        role = "validation" if site.hospital_id in val_ids else "test"
-        for k in shots:
-            for dr in kshot_draws(site.y.numpy(), hospital_id=site.hospital_id, shots=k, draws=draws, seed=seed):
-                s, q = torch.as_tensor(dr.support), torch.as_tensor(dr.query)
-                grid = score_grid(model, theta, (site.x[s], site.y[s]), (site.x[q], site.y[q]),
-                                  num_classes=site.info.n_classes, max_grad_norm=cfg.max_grad_norm)
-                for (m, lr, st), sc in grid.items():
-                    rows.append({"hospital": site.hospital_id, "role": role, "shots": k, "draw": dr.draw,
-                                 "adapt_method": m, "adapt_lr": lr, "adapt_steps": st,
-                                 "auc": sc.auc, "accuracy": sc.accuracy})
+    val = [s for s in held if s.hospital_id in val_ids]
+    test = [s for s in held if s.hospital_id not in val_ids]
+
+    def sets(site, k):
+        for dr in kshot_draws(site.y.numpy(), hospital_id=site.hospital_id, shots=k, draws=draws, seed=seed):
+            s, q = torch.as_tensor(dr.support), torch.as_tensor(dr.query)
+            yield dr.draw, (site.x[s], site.y[s]), (site.x[q], site.y[q])
+
+    def row(site, role, k, draw, point, sc):
+        return {"hospital": site.hospital_id, "role": role, "shots": k, "draw": draw, "adapt_method": point[0],
+                "adapt_lr": point[1], "adapt_steps": point[2], "auc": sc.auc, "accuracy": sc.accuracy}
+
+    for k in shots:
+        per_hospital = []
+        for site in val:
+            model = new_model(cfg, site.info)
+            auc: dict = {}
+            for draw, sup, qry in sets(site, k):
+                for p, sc in score_grid(model, theta, sup, qry, num_classes=site.info.n_classes,
+                                        max_grad_norm=cfg.max_grad_norm).items():
+                    rows.append(row(site, "validation", k, draw, p, sc))
+                    auc.setdefault(p, []).append(sc.auc)
+            per_hospital.append({p: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+                                 for p, v in auc.items()})
+        choice = choose_adaptation(per_hospital) or AS_IS
+        for site in test:
+            model = new_model(cfg, site.info)
+            for draw, sup, qry in sets(site, k):
+                rows.append(row(site, "test", k, draw, AS_IS, evaluate(model, theta, *qry,
+                                                                        num_classes=site.info.n_classes)))
+                if choice != AS_IS:
+                    phi = finetune(model, theta, *sup, method=choice[0], steps=choice[2], lr=choice[1],
+                                   max_grad_norm=cfg.max_grad_norm)
+                    rows.append(row(site, "test", k, draw, choice, evaluate(model, phi, *qry,
+                                                                             num_classes=site.info.n_classes)))
     return rows
 
 
@@ -228,6 +258,9 @@ def choose_and_report(scores):
         test = grp[grp.role == "test"]
         before = test[(test.adapt_method == AS_IS[0])]
         after = test[(test.adapt_method == choice[0]) & (test.adapt_lr == choice[1]) & (test.adapt_steps == choice[2])]
+        if after.empty and len(before):
+            raise ValueError(f"{key}: the test hospitals were not scored at the adaptation chosen now ({choice}); "
+                             "scores.csv and the selection code disagree")
         for (h, dr), b in before.groupby(["hospital", "draw"]):
             a = after[(after.hospital == h) & (after.draw == dr)]
             out.append({**dict(zip(CELL + ["seed"], key)), "hospital": h, "draw": dr,

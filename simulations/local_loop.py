@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.aggregate import OuterOptimizer, weighted_mean
+from common.aggregate import InvalidUpdate, OuterOptimizer, validate_update, weighted_mean
 from common.config import Config
 from common.data import held_out_hospitals
 from common.adaptation import GridPoint, choose_adaptation
@@ -35,6 +35,7 @@ class LocalRun:
     epsilons: dict[int, float] = field(default_factory=dict)
     seconds_per_round: list[float] = field(default_factory=list)
     declined: int = 0
+    dropped: int = 0
 
 
 def sites_for(cfg: Config) -> tuple[list[Site], list[Site]]:
@@ -50,6 +51,7 @@ def meta_train(cfg: Config, training: list[Site], *, rounds: int | None = None) 
     ledgers = {s.hospital_id: PrivacyLedger(delta=cfg.target_delta) for s in training}
     rng = random.Random(cfg.seed)  # the strategy samples hospitals with the same generator
     run = LocalRun(theta=theta)
+    shapes = {k: tuple(v.shape) for k, v in theta.items()}
     for rnd in range(1, (rounds or cfg.num_server_rounds) + 1):
         t0 = time.perf_counter()
         chosen = sorted(rng.sample(range(len(training)), min(cfg.clients_per_round, len(training))))
@@ -61,7 +63,13 @@ def meta_train(cfg: Config, training: list[Site], *, rounds: int | None = None) 
             if out.update is None:
                 run.declined += 1
                 continue
-            updates.append({k: v.numpy().astype(np.float32) for k, v in out.update.gradient.items()})
+            arrays = {k: v.numpy().astype(np.float32) for k, v in out.update.gradient.items()}
+            try:  # the strategy's own check: shapes, finite values, `max-update-norm`
+                validate_update(arrays, shapes, max_norm=cfg.max_update_norm)
+            except InvalidUpdate:
+                run.dropped += 1
+                continue
+            updates.append(arrays)
             weights.append(float(out.num_examples))
             losses.append(out.update.loss)
         if len(updates) >= cfg.min_replies:
