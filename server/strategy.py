@@ -97,8 +97,15 @@ class MetaGradientStrategy(Strategy):
 
     # -- training -------------------------------------------------------------------------------
     def sample_training_nodes(self) -> list[int]:
-        k = min(self.cfg.clients_per_round, len(self.training_nodes))
-        return sorted(self._rng.sample(self.training_nodes, k))
+        """`clients-per-round` training hospitals, drawn from the seeded sampler in hospital-id order.
+
+        Sampling positions in the list of hospitals sorted by hospital id (not by Flower's node ids,
+        which are random per deployment) makes the schedule a function of the seed and the hospitals
+        alone: the same as `simulations.local_loop` and as any other deployment of the same run.
+        """
+        by_hospital = sorted(self.training_nodes, key=lambda n: self.hospital_of[n])
+        k = min(self.cfg.clients_per_round, len(by_hospital))
+        return sorted(self._rng.sample(by_hospital, k), key=lambda n: self.hospital_of[n])
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
