@@ -140,12 +140,14 @@ def train(method: Mapping[str, Any], rc: Mapping[str, Any], cache: Path | None, 
     return theta, {**facts, "cached": False}
 
 
-def score(theta, cfg, held, val_ids, shots, draws: int, seed: int) -> list[dict[str, Any]]:
+def score(theta, cfg, held, val_ids, shots, draws: int, seed: int, query_cap: int = 0) -> list[dict[str, Any]]:
     """Validation hospitals at every point of the server's adaptation grid; test hospitals as is and at the choice.
 
     As the server does it: per K, the validation hospitals' grid scores (mean over their draws)
     choose the adaptation (`choose_adaptation`), and only then are the test hospitals adapted, with
-    that choice alone (a test hospital's scores never influence the choice).
+    that choice alone (a test hospital's scores never influence the choice). With `query_cap` > 0 a
+    query set larger than that is replaced by a seeded subsample of that size (the same for every
+    method: scoring cost is mostly the forward pass over the query set at every grid point).
     """
     import numpy as np
     import torch
@@ -161,7 +163,11 @@ def score(theta, cfg, held, val_ids, shots, draws: int, seed: int) -> list[dict[
 
     def sets(site, k):
         for dr in kshot_draws(site.y.numpy(), hospital_id=site.hospital_id, shots=k, draws=draws, seed=seed):
-            s, q = torch.as_tensor(dr.support), torch.as_tensor(dr.query)
+            query = dr.query
+            if query_cap and len(query) > query_cap:
+                rng = np.random.default_rng([seed, 31337, site.hospital_id, k, dr.draw])
+                query = np.sort(rng.choice(query, size=query_cap, replace=False))
+            s, q = torch.as_tensor(dr.support), torch.as_tensor(query)
             yield dr.draw, (site.x[s], site.y[s]), (site.x[q], site.y[q])
 
     def row(site, role, k, draw, point, sc):
@@ -229,7 +235,8 @@ def run(exp: Mapping[str, Any], *, cache: Path | None, only_dataset: str | None,
                         common = {"dataset": dataset, "dirichlet_alpha": float(alpha), "seed": int(seed),
                                   "method": method["name"], "epsilon": eps_label(eps)}
                         score_rows += [{**common, **r} for r in score(theta, load_config(rc), held, val_ids, shots,
-                                                                      int(exp.get("draws", 3)), int(seed))]
+                                                                      int(exp.get("draws", 3)), int(seed),
+                                                                      int(exp.get("query-cap", 0)))]
                         run_rows.append({**common, **facts, "total_seconds": round(time.perf_counter() - t0, 1)})
                         log(f"{PREFIX} {dataset} alpha={alpha:g} seed={seed} {method['name']} eps={eps_label(eps)}: "
                             f"train {facts['train_seconds']}s{' (cached)' if facts['cached'] else ''}, "
@@ -255,6 +262,8 @@ def choose_and_report(scores):
                 for _, g in val.groupby(["hospital", "adapt_method", "adapt_lr", "adapt_steps"]).auc.mean()
                 .reset_index().groupby("hospital")]
         choice = choose_adaptation(by_h) or AS_IS
+        at = val[(val.adapt_method == choice[0]) & (val.adapt_lr == choice[1]) & (val.adapt_steps == choice[2])]
+        val_auc = float(at.groupby("hospital").auc.mean().mean()) if len(at) else float("nan")
         test = grp[grp.role == "test"]
         before = test[(test.adapt_method == AS_IS[0])]
         after = test[(test.adapt_method == choice[0]) & (test.adapt_lr == choice[1]) & (test.adapt_steps == choice[2])]
@@ -266,7 +275,7 @@ def choose_and_report(scores):
             out.append({**dict(zip(CELL + ["seed"], key)), "hospital": h, "draw": dr,
                         "auc_before": float(b.auc.iloc[0]), "acc_before": float(b.accuracy.iloc[0]),
                         "auc_after": float(a.auc.iloc[0]), "acc_after": float(a.accuracy.iloc[0]),
-                        "choice": f"{choice[0]} {choice[1]:g} x{choice[2]}"})
+                        "choice": f"{choice[0]} {choice[1]:g} x{choice[2]}", "val_auc": val_auc})
     return pd.DataFrame(out)
 
 
@@ -316,7 +325,8 @@ def render(exp, report, runs, pairs: dict[str, Any], command: str) -> str:
              "the adaptation (method × lr × steps from the server's grid, 0 steps included) is chosen per method, "
              "ε, K and seed on the **validation** hospitals; the table reports the **test** hospitals only "
              f"(seeds {list(exp['seeds'])}, {exp.get('draws', 3)} K-shot draws per test hospital, the same draws for "
-             "every method). Cells: AUC mean ± std over seeds of the per-seed mean over test hospitals and draws. "
+             f"every method; query sets above {exp.get('query-cap', 0) or 'no'} records subsampled, the same "
+             "subsample for every method). Cells: AUC mean ± std over seeds of the per-seed mean over hospitals and draws (validation hospitals at the chosen adaptation; test hospitals as is and after it). "
              "ΔAUC: paired difference on the same (seed, hospital, draw), mean over seeds [95% t-interval over "
              "seeds] and the share of pairs won.", ""]
     for ds in report.dataset.unique():
@@ -325,17 +335,19 @@ def render(exp, report, runs, pairs: dict[str, Any], command: str) -> str:
             lines += [f"## {ds}, label skew Dirichlet α = {alpha:g}", ""]
             for k in sorted(sel.shots.unique()):
                 lines += [f"### K = {k} per class", "",
-                          "| method | ε | AUC before adaptation | AUC after chosen adaptation | chosen (most seeds) | "
-                          "ΔAUC vs DP FedAvg (same ε) | ΔAUC vs hospital alone |", "|---|---|---|---|---|---|---|"]
+                          "| method | ε | validation AUC (chosen adaptation) | test AUC before adaptation | "
+                          "test AUC after chosen adaptation | chosen (most seeds) | ΔAUC vs DP FedAvg (same ε), as is | "
+                          "ΔAUC vs DP FedAvg (same ε), adapted | ΔAUC vs hospital alone |",
+                          "|---|---|---|---|---|---|---|---|---|"]
                 sk = sel[sel.shots == k]
                 order = sorted(sk.groupby(["method", "epsilon"]).groups, key=lambda me: (
                     [m["name"] for m in exp["method"]].index(me[0]), INF if me[1] == "inf" else float(me[1])))
                 for meth, e in order:
                     g = sk[(sk.method == meth) & (sk.epsilon == e)]
-                    ps = g.groupby("seed")[["auc_before", "auc_after"]].mean()
+                    ps = g.groupby("seed")[["auc_before", "auc_after", "val_auc"]].mean()
                     choice = g.drop_duplicates("seed").choice.value_counts()
                     cells = []
-                    for ref in ("fedavg", "local"):
+                    for ref in ("fedavg-before", "fedavg", "local"):
                         p = pairs.get(ref)
                         row = None if p is None or p.empty else p[
                             (p.dataset == ds) & (p.dirichlet_alpha == alpha) & (p.method == meth) & (p.shots == k)
@@ -344,8 +356,8 @@ def render(exp, report, runs, pairs: dict[str, Any], command: str) -> str:
                                      f"{row.d_auc.iloc[0]:+.3f} [{row.ci95_lo.iloc[0]:+.3f}, {row.ci95_hi.iloc[0]:+.3f}] "
                                      f"{100 * row.share_won.iloc[0]:.0f}%")
                     e_cell = "∞ (no DP)" if e == "inf" else e
-                    lines.append(f"| {meth} | {e_cell} | {_ms(ps.auc_before)} | {_ms(ps.auc_after)} | "
-                                 f"{choice.index[0]} ({choice.iloc[0]}/{choice.sum()}) | {cells[0]} | {cells[1]} |")
+                    lines.append(f"| {meth} | {e_cell} | {_ms(ps.val_auc)} | {_ms(ps.auc_before)} | {_ms(ps.auc_after)} | "
+                                 f"{choice.index[0]} ({choice.iloc[0]}/{choice.sum()}) | {cells[0]} | {cells[1]} | {cells[2]} |")
                 lines.append("")
     lines += ["## Training runs", "", "| dataset | α | seed | method | ε | max ε spent | σ range | DP steps per hospital "
               "(planned) | declined rounds | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -404,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     runs["epsilon"] = runs.epsilon.astype(str)
     report = choose_and_report(scores)
     report.to_csv(out / "report.csv", index=False)
-    pairs = {"fedavg": paired(report, "fedavg"),
+    pairs = {"fedavg": paired(report, "fedavg"), "fedavg-before": paired(report, "fedavg", "auc_before", "auc_before"),
              "local": paired(report, "local")}
     # against the hospital alone, compare at every epsilon with local's only (no-DP) row
     loc = report[report.method == "local"]
