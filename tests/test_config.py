@@ -17,7 +17,7 @@ def test_pyproject_defaults_are_valid() -> None:
 @pytest.mark.parametrize(("key", "value", "fragment"), [
     ("num-hospitals", 1, "'num-hospitals' = 1: must be >= 2"),
     ("num-hospitals", 2.5, "must be an integer"),
-    ("num-held-out", 10, "'num-held-out' = 10: must be smaller than 'num-hospitals' = 10"),
+    ("num-held-out", 12, "'num-held-out' = 12: must be smaller than 'num-hospitals' = 12"),
     ("algorithm", "sgd", "'algorithm' = 'sgd': must be one of maml, fomaml, reptile, fedavg"),
     ("meta-optimizer", "rmsprop", "must be one of adam, sgd"),
     ("target-epsilon", 0.0, "'target-epsilon' = 0.0: must be > 0"),
