@@ -1,6 +1,6 @@
 """DP meta-learning against DP FedAvg and the hospital alone, at a fixed epsilon, on new hospitals.
 
-    python -m simulations.compare simulations/experiments/compare-dp.toml [--quick] [--out DIR]
+    python -m simulations.compare simulations/experiments/compare/compare-dp.toml [--quick] [--out DIR]
         [--only-dataset FLAG] [--cache DIR]
 
 The same functions as the Flower apps: every federated initialisation is trained by

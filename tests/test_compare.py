@@ -37,3 +37,17 @@ def test_choice_comes_from_validation_hospitals_even_when_the_test_hospital_woul
     assert fa.auc_after == pytest.approx(0.95)
     d = paired(rep, "fedavg")
     assert d.iloc[0].d_auc == pytest.approx(-0.15) and d.iloc[0].share_won == 0.0
+
+
+def test_committed_comparison_configs_parse_with_three_seeds_and_both_references() -> None:
+    from simulations.compare import REPO_ROOT, load_experiment
+
+    paths = sorted((REPO_ROOT / "simulations" / "experiments" / "compare").glob("*.toml"))
+    assert paths
+    for path in paths:
+        full = load_experiment(path, quick=False)
+        assert len(full["seeds"]) >= 3, f"{path.name}: rows must be mean ± std over >= 3 seeds"
+        names = {m["name"] for m in full["method"]}
+        assert {"fedavg", "local"} <= names, "DP FedAvg and the hospital alone are the paired references"
+        quick = load_experiment(path, quick=True)
+        assert quick["seeds"] and quick["method"]
