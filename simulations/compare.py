@@ -16,6 +16,7 @@ The experiment file (TOML):
     name = "..."; datasets = [...]; seeds = [...]; epsilons = [8, "inf"]; shots = [1, 5, 10]
     dirichlet-alphas = [1.0]; draws = 3
     [run-config]            # overrides of pyproject's [tool.flwr.app.config] for every method
+    [dataset-run-config.<flag>]  # and for one dataset (e.g. fewer hospitals for a small set)
     [[method]]              # name, kind = "federated" | "local" | "centralised",
     name = "fomaml"         # epsilons (default: the file's), run-config (this method's own settings)
     [quick]                 # what --quick replaces (seeds, epsilons, shots, run-config, ...)
@@ -219,7 +220,8 @@ def run(exp: Mapping[str, Any], *, cache: Path | None, only_dataset: str | None,
             continue
         for alpha in exp.get("dirichlet-alphas", [base["dirichlet-alpha"]]):
             for seed in exp["seeds"]:
-                rc0 = {**base, "dataset": dataset, "dirichlet-alpha": float(alpha), "seed": int(seed)}
+                rc0 = {**base, **exp.get("dataset-run-config", {}).get(dataset, {}), "dataset": dataset,
+                       "dirichlet-alpha": float(alpha), "seed": int(seed)}
                 cfg0 = load_config(rc0)
                 _, held = sites_for(cfg0)
                 val_ids = set(validation_hospitals(cfg0))
@@ -375,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=None, help="folder caching trained initialisations")
     ap.add_argument("--only-dataset", default=None)
     ap.add_argument("--only-alphas", default=None, help="comma-separated subset of the file's dirichlet-alphas")
+    ap.add_argument("--only-epsilons", default=None, help="comma-separated subset of the epsilons (inf for no DP)")
     ap.add_argument("--only-seeds", default=None, help="comma-separated subset of the file's seeds (to split a run "
                                                           "over processes; --merge joins the parts)")
     ap.add_argument("--merge", type=Path, nargs="*", default=None,
@@ -394,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.only_alphas:
         keep_a = {float(v) for v in args.only_alphas.split(",")}
         exp["dirichlet-alphas"] = [a for a in exp.get("dirichlet-alphas", [1.0]) if float(a) in keep_a]
+    if args.only_epsilons:
+        keep_e = {_eps(v) for v in args.only_epsilons.split(",")}
+        for m in exp["method"]:
+            m["epsilons"] = [e for e in m["epsilons"] if e in keep_e]
     if args.only_seeds:
         keep = {int(v) for v in args.only_seeds.split(",")}
         exp["seeds"] = [s for s in exp["seeds"] if int(s) in keep]
