@@ -51,6 +51,11 @@ KINDS = ("federated", "local", "centralised")
 def _eps(v: Any) -> float:
     if isinstance(v, str) and v.lower() in ("inf", "infinity"):
         return INF
+    if isinstance(v, str):  # from the command line
+        try:
+            v = float(v)
+        except ValueError:
+            raise ValueError(f"epsilon {v!r}: a positive number or \"inf\"") from None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
         raise ValueError(f"epsilon {v!r}: a positive number or \"inf\"")
     return float(v)
