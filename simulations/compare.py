@@ -404,8 +404,9 @@ def main(argv: list[str] | None = None) -> int:
         exp["dirichlet-alphas"] = [a for a in exp.get("dirichlet-alphas", [1.0]) if float(a) in keep_a]
     if args.only_epsilons:
         keep_e = {_eps(v) for v in args.only_epsilons.split(",")}
-        for m in exp["method"]:
-            m["epsilons"] = [e for e in m["epsilons"] if e in keep_e]
+        for m in exp["method"]:  # the baselines (local, centralised) have no epsilon and always run
+            if m.get("kind", "federated") == "federated":
+                m["epsilons"] = [e for e in m["epsilons"] if e in keep_e]
     if args.only_seeds:
         keep = {int(v) for v in args.only_seeds.split(",")}
         exp["seeds"] = [s for s in exp["seeds"] if int(s) in keep]
