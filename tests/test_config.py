@@ -10,7 +10,8 @@ from conftest import base_run_config
 
 def test_pyproject_defaults_are_valid() -> None:
     cfg = load_config(base_run_config())
-    assert cfg.num_hospitals >= 10 and cfg.dp and cfg.algorithm == "fomaml" and cfg.first_order
+    assert cfg.num_hospitals >= 10 and cfg.dp and cfg.first_order and cfg.algorithm in ("fomaml", "reptile", "fedavg")
+    assert cfg.gradient_steps_per_round == 16  # the DP step budget per round that docs/results compares at
     assert cfg.to_run_config()["target-epsilon"] == cfg.target_epsilon
 
 
