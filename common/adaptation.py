@@ -25,6 +25,7 @@ from torch import nn
 
 from common.config import ADAPT_METHODS
 from common.maml import Params, Scores, evaluate, forward, mean_gradient, per_sample_gradients
+from common.privacy import clip_and_sum
 
 # The grid the server chooses from (per method, learning rates of that method's own scale).
 GRID_LRS: dict[str, tuple[float, ...]] = {
@@ -40,11 +41,10 @@ GridPoint = tuple[str, float, int]
 
 def _clipped_mean_gradient(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor,
                            max_grad_norm: float) -> Params:
+    """The mean of per-record gradients clipped as DP training clips them (`common.privacy.clip_and_sum`)."""
     per, _ = per_sample_gradients(model, params, x, y)
-    b = x.shape[0]
-    norms = torch.stack([v.reshape(b, -1).norm(2, dim=1) for v in per.values()], dim=1).norm(2, dim=1)
-    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-    return {k: torch.einsum("i,i...->...", factor, v) / b for k, v in per.items()}
+    summed, _ = clip_and_sum(per, max_grad_norm=max_grad_norm)
+    return {k: v / x.shape[0] for k, v in summed.items()}
 
 
 def finetune_trajectory(
