@@ -18,13 +18,13 @@ import torch
 from common import data as D
 from common.config import Config
 from common.maml import (
-    Episode, MetaUpdate, Params, Scores, batches_from, evaluate, local_meta_update, plain_gradient_fn,
+    Episode, MetaUpdate, Params, PerSampleFn, Scores, batches_from, evaluate, local_meta_update, plain_gradient_fn,
 )
 from common.adaptation import GridPoint, finetune, score_grid
 from common.model import SmallCNN, build_model
 from common.privacy import (
-    PrivacyError, PrivacyLedger, PrivacySpec, calibrate_noise_multiplier, epsilon_for, private_gradient_fn,
-    sample_rate, secure_generator, secure_rng,
+    NoiseSource, PrivacyError, PrivacyLedger, PrivacySpec, SecureRandom, calibrate_noise_multiplier, epsilon_for,
+    private_gradient_fn, sample_rate, secure_generator, secure_rng,
 )
 
 
@@ -135,19 +135,21 @@ class RoundOutcome:
     declined: str = ""
 
 
-def draw_episodes(cfg: Config, num_records: int, rng: np.random.Generator) -> list[tuple[list[np.ndarray], np.ndarray | None]]:
+def draw_episodes(cfg: Config, num_records: int, rng: np.random.Generator, *,
+                  sample_rate_: float | None = None) -> list[tuple[list[np.ndarray], np.ndarray | None]]:
     """The index sets of one round's `local-meta-steps` episodes: (support index sets, query index set).
 
     With DP every gradient draws a fresh Poisson sample of all the site's records at
     ``q = batch-size / n`` (the accountant's assumption). Without DP the classic recipe: (FO)MAML
     reuses one support batch for all inner steps and takes a disjoint query batch; Reptile takes a
-    fresh batch per inner step; FedAvg one batch per local step.
+    fresh batch per inner step; FedAvg one batch per local step. Under DP the rate is
+    `sample_rate_` when given (the rate set by the hospital's public record count).
     """
     n = num_records
     eps = []
     for _ in range(cfg.local_meta_steps):
         if cfg.dp:
-            q = sample_rate(batch_size=cfg.batch_size, num_records=n)
+            q = sample_rate_ if sample_rate_ is not None else sample_rate(batch_size=cfg.batch_size, num_records=n)
             sets = [D.poisson_sample(n, q, rng) for _ in range(cfg.gradients_per_episode)]
             if cfg.algorithm in ("maml", "fomaml"):
                 eps.append((sets[:-1], sets[-1]))
@@ -170,45 +172,56 @@ def train_round(
     *,
     ledger: PrivacyLedger | None,
     server_round: int,
-    generator: torch.Generator | None = None,
-    rng: np.random.Generator | None = None,
+    public_num_records: int | None = None,
+    generator: NoiseSource | None = None,
+    rng: np.random.Generator | SecureRandom | None = None,
+    per_sample_fn: PerSampleFn | None = None,
 ) -> RoundOutcome:
     """One local round: `local-meta-steps` episodes of local meta-training; ``theta - theta_local`` leaves the site.
 
     With DP the ledger records every gradient of the round (`Config.gradient_steps_per_round`
     subsampled Gaussian steps) *before* anything is computed; a round that would take the ledger
     past `target-epsilon` is declined and nothing is computed. `generator` (noise) and `rng`
-    (sampling) default to the operating system's entropy under DP; tests may inject their own.
+    (sampling) default to the operating system's secure generator under DP; tests may inject their own.
+
+    Under DP nothing about the mechanism depends on the exact record count: the sampling rate
+    ``q = batch-size / public_num_records``, the noise multiplier calibrated for it, the divisor
+    ``q * public_num_records`` and the example count reported to the server all come from
+    `public_num_records` (the hospital's published size, default: the exact count, which is
+    then treated as public). Each record is still sampled with probability q. `per_sample_fn`
+    is the privacy audit's hook for gradient-space canaries.
     """
     model = new_model(cfg, site.info)
     n = site.num_records
+    n_pub = int(public_num_records) if public_num_records is not None else n
     k = cfg.gradient_steps_per_round
+    q = None
     if cfg.dp:
         if ledger is None:
             raise ValueError("DP is on: a privacy ledger is required")
-        spec = privacy_spec(cfg, n)
-        q = sample_rate(batch_size=cfg.batch_size, num_records=n)
+        spec = privacy_spec(cfg, n_pub)
+        q = sample_rate(batch_size=cfg.batch_size, num_records=n_pub)
         sigma_acc = spec.accounted_noise_multiplier
         eps_after = ledger.epsilon_after(noise_multiplier=sigma_acc, sample_rate=q, steps=k)
         if eps_after > cfg.target_epsilon:
             return RoundOutcome(
-                None, n, ledger.epsilon(), ledger.delta,
+                None, n_pub, ledger.epsilon(), ledger.delta,
                 declined=(f"privacy budget: another round would reach epsilon={eps_after:.3f} > "
                           f"target-epsilon={cfg.target_epsilon} (delta={ledger.delta:g})"),
             )
         ledger.record(noise_multiplier=sigma_acc, sample_rate=q, steps=k)
         ledger.rounds += 1
         rng = rng if rng is not None else secure_rng()
-        gradient_fn = private_gradient_fn(model, spec, num_records=n, sample_rate=q,
-                                          generator=generator or secure_generator())
+        gradient_fn = private_gradient_fn(model, spec, num_records=n_pub, sample_rate=q,
+                                          generator=generator or secure_generator(), per_sample_fn=per_sample_fn)
         epsilon, delta = ledger.epsilon(), ledger.delta
     else:
         rng = rng if rng is not None else np.random.default_rng([cfg.seed, site.hospital_id, server_round])
-        gradient_fn = plain_gradient_fn(model)
+        gradient_fn = plain_gradient_fn(model, per_sample_fn)
         epsilon, delta = 0.0, 0.0
 
     def episodes():
-        for support_sets, query_set in draw_episodes(cfg, n, rng):
+        for support_sets, query_set in draw_episodes(cfg, n, rng, sample_rate_=q):
             query = None if query_set is None else next(batches_from(site.x, site.y, [query_set]))
             yield Episode(list(batches_from(site.x, site.y, support_sets)), query)
 
@@ -216,7 +229,7 @@ def train_round(
         theta, algorithm=cfg.algorithm, episodes=episodes(), inner_lr=cfg.inner_lr, local_lr=cfg.local_lr,
         gradient_fn=gradient_fn, model=model,
     )
-    return RoundOutcome(update, n, epsilon, delta)
+    return RoundOutcome(update, n_pub if cfg.dp else n, epsilon, delta)
 
 
 @dataclass(frozen=True)

@@ -156,15 +156,26 @@ class GradientRelease:
 
 # A gradient oracle: (params, batch, create_graph, release_loss) -> GradientRelease.
 GradientFn = Callable[[Params, Batch, bool], GradientRelease]
+# (model, params, x, y) -> (per-record gradients {name: (B, *shape)}, per-record losses (B,))
+PerSampleFn = Callable[[nn.Module, Params, torch.Tensor, torch.Tensor], tuple[Params, torch.Tensor]]
 
 
-def plain_gradient_fn(model: nn.Module) -> GradientFn:
-    """Non-private gradients of the mean loss (differentiable when ``create_graph``)."""
+def plain_gradient_fn(model: nn.Module, per_sample_fn: PerSampleFn | None = None) -> GradientFn:
+    """Non-private gradients of the mean loss (differentiable when ``create_graph``).
+
+    With `per_sample_fn` (first order only) the gradient is the mean of its per-record gradients;
+    the privacy audit uses it to add gradient-space canaries to a run without DP.
+    """
 
     def fn(params: Params, batch: Batch, create_graph: bool) -> GradientRelease:
         x, y = batch
         if x.shape[0] == 0:
             return GradientRelease({k: torch.zeros_like(v) for k, v in params.items()}, torch.tensor(float("nan")))
+        if per_sample_fn is not None:
+            if create_graph:
+                raise ValueError("per_sample_fn gives first-order gradients only")
+            grads, losses = per_sample_fn(model, {k: v.detach() for k, v in params.items()}, x, y)
+            return GradientRelease({k: v.mean(0) for k, v in grads.items()}, losses.detach().mean())
         if not create_graph:  # first order: differentiate at these weights, as fresh leaves
             params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         g, loss = mean_gradient(model, params, x, y, create_graph=create_graph)

@@ -14,15 +14,16 @@ step are one Gaussian mechanism on one sample; whitened, its sensitivity is
 ``sigma_eff = (sigma^-2 + sigma_L^-2)^-1/2``. Every step is accounted at ``(sigma_eff, q)`` with Opacus'
 RDP accountant, which is exactly its assumption (each step a fresh Poisson sample, adaptively composed).
 
-Noise and sampling randomness come from the operating system's entropy, never from the run's
-seed: a seed known to the server would let it subtract the noise.
+Noise and sampling randomness come from the operating system's cryptographically secure generator
+(`SecureRandom`, `os.urandom`), never from the run's seed or a seeded PRNG: a seed known to the
+server would let it subtract the noise.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import secrets
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ for _h in list(logging.getLogger().handlers):
     if _h not in _root_handlers:
         logging.getLogger().removeHandler(_h)
 
-from common.maml import Batch, GradientFn, GradientRelease, Params, per_sample_gradients
+from common.maml import Batch, GradientFn, GradientRelease, Params, PerSampleFn, per_sample_gradients
 
 ACCOUNTANT = "rdp"
 # Opacus' default RDP orders stop at 63; small noise multipliers (large epsilon targets) have their
@@ -246,14 +247,19 @@ def private_gradient_fn(
     *,
     num_records: int,
     sample_rate: float,
-    generator: torch.Generator | None = None,
+    generator: NoiseSource | None = None,
+    per_sample_fn: PerSampleFn | None = None,
 ) -> GradientFn:
     """A `GradientFn` releasing the clipped, noised gradient and loss of one Poisson batch.
 
-    The batch passed in must be a fresh Poisson sample of the hospital's `num_records` records at
-    `sample_rate`; the caller accounts one step at ``spec.accounted_noise_multiplier`` per call.
+    The batch passed in must be a fresh Poisson sample of the hospital's records at `sample_rate`;
+    the caller accounts one step at ``spec.accounted_noise_multiplier`` per call. `num_records` is
+    the hospital's *public* record count: the sum is divided by ``sample_rate * num_records``, a
+    number that does not depend on the data. `per_sample_fn` replaces `per_sample_gradients`
+    (the privacy audit uses it to add gradient-space canaries; clipping and noise stay the same).
     """
     gen = generator if generator is not None else secure_generator()
+    per_sample = per_sample_fn or per_sample_gradients
     expected = sample_rate * num_records
 
     def fn(params: Params, batch: Batch, create_graph: bool) -> GradientRelease:
@@ -263,8 +269,8 @@ def private_gradient_fn(
                 "the inner gradients; use algorithm='fomaml' or 'reptile' with DP"
             )
         x, y = batch
-        per_sample, losses = per_sample_gradients(model, params, x, y)
-        summed, _ = clip_and_sum(per_sample, max_grad_norm=spec.max_grad_norm)
+        grads, losses = per_sample(model, params, x, y)
+        summed, _ = clip_and_sum(grads, max_grad_norm=spec.max_grad_norm)
         std = spec.noise_multiplier * spec.max_grad_norm
         noisy = {k: (v + gaussian_noise(v.shape, std=std, generator=gen)) / expected for k, v in summed.items()}
         loss_sum = losses.detach().clamp(0.0, spec.loss_clip).sum()
@@ -275,15 +281,46 @@ def private_gradient_fn(
     return fn
 
 
-def gaussian_noise(shape: tuple[int, ...] | torch.Size, *, std: float, generator: torch.Generator) -> torch.Tensor:
-    return torch.normal(0.0, std, size=tuple(shape), generator=generator)
+def gaussian_noise(shape: tuple[int, ...] | torch.Size, *, std: float, generator: NoiseSource) -> torch.Tensor:
+    """N(0, std^2) noise of `shape`, from `generator`: a `SecureRandom` (the product) or a seeded
+    `torch.Generator` (tests that replay a run)."""
+    if isinstance(generator, torch.Generator):
+        return torch.normal(0.0, std, size=tuple(shape), generator=generator)
+    return generator.normal(tuple(shape), std=std)
 
 
-def secure_generator() -> torch.Generator:
-    """A torch generator seeded from the OS entropy pool (never from the run's seed)."""
-    return torch.Generator().manual_seed(secrets.randbits(63))
+class SecureRandom:
+    """Randomness from the operating system's cryptographically secure generator (`os.urandom`).
+
+    Every draw reads fresh bytes from the kernel; there is no seed and no state to recover, so a
+    party that knows the run's seed (or any earlier output) learns nothing about the next draw.
+    Uniforms carry 53 random bits; Gaussians come from the Box-Muller transform in float64.
+    Used for the DP noise and for the Poisson sampling of records. (Like torch's own sampler it
+    does not defend against floating-point attacks on the low-order bits of the noise.)
+    """
+
+    def random(self, n: int) -> np.ndarray:
+        """`n` uniforms in (0, 1) (the `numpy.random.Generator.random` call `poisson_sample` makes)."""
+        raw = np.frombuffer(os.urandom(8 * int(n)), dtype=np.uint64) >> np.uint64(11)
+        return (raw.astype(np.float64) + 0.5) * 2.0**-53
+
+    def normal(self, shape: tuple[int, ...], *, std: float) -> torch.Tensor:
+        n = int(math.prod(shape))
+        m = (n + 1) // 2
+        u1, u2 = self.random(m), self.random(m)
+        radius = np.sqrt(-2.0 * np.log(u1))
+        z = np.concatenate([radius * np.cos(2.0 * math.pi * u2), radius * np.sin(2.0 * math.pi * u2)])[:n]
+        return torch.from_numpy((std * z).astype(np.float32)).reshape(shape)
 
 
-def secure_rng() -> np.random.Generator:
-    """A NumPy generator seeded from the OS entropy pool, for Poisson sampling under DP."""
-    return np.random.default_rng(secrets.randbits(128))
+NoiseSource = torch.Generator | SecureRandom
+
+
+def secure_generator() -> SecureRandom:
+    """The noise source under DP: the OS's cryptographically secure generator (never the run's seed)."""
+    return SecureRandom()
+
+
+def secure_rng() -> SecureRandom:
+    """The record sampler under DP: the same secure source (`poisson_sample` only calls `.random`)."""
+    return SecureRandom()
