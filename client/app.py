@@ -1,15 +1,19 @@
 """Hospital ClientApp: a thin Flower adapter around `common.hospital`.
 
-- query: tells the server which hospital this node is (no patient data). It is the first message
-  of a run, so it also checks what would otherwise fail later: the hospital's data (its own
-  folder when the node config has `hospital-data`), its privacy ledger file and whether the
-  privacy target can be met at all. A problem makes the reply an error that names it.
-- train: runs the inner loop on this hospital's records and returns the meta-gradient as an
-  ArrayRecord, with loss, number of examples, epsilon and delta as metrics. Its privacy ledger
-  lives in `context.state` for the whole run (and, when `ledger-dir` is in the node config, in a
-  file on the hospital's side that survives a process restart).
-- evaluate: adapts the global initialisation on this hospital's K-shot support set and reports
-  accuracy and AUC on the rest, before and after adaptation.
+Every message first passes the hospital's own policy (`common.policy`, from its node config):
+its role, its `max-epsilon` / `max-delta`, DP required. What the server's run config asks can
+only be less. A refusal or failure is an error reply with a code (`common.protocol.ERROR_*`) and a
+reason that holds no facts about the records; the details go to the hospital's own log
+(`client.guard`).
+
+- query: tells the server which hospital this node is and its role (no patient data). It is the
+  first message of a run, so it also runs the start checks: node config, data, ledger, budget.
+- train (training hospitals only): `local-meta-steps` episodes on this hospital's records; the
+  update theta - theta_local leaves as an ArrayRecord with loss, the public example count,
+  epsilon and delta. The budget check, the charge and the computation happen under the lock of
+  the hospital's ledger journal (`common.journal`), the one source of truth for its epsilon.
+- evaluate (held-out hospitals only): adapts the global initialisation on this hospital's K-shot
+  support set and reports accuracy and AUC on the rest, before and after adaptation.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -26,42 +32,40 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
+from client.guard import guard_mod
 from common import protocol as P
 from common.config import ADAPT_METHODS, Config, load_config
-from common.data import held_out_hospitals
 from common.hospital import (
-    Site, adapt_and_score, adaptation_grid_scores, check_privacy_budget, load_site, load_site_from_folder, noise_multiplier_for, param_shapes,
-    train_round,
+    Site, adapt_and_score, adaptation_grid_scores, check_privacy_budget, load_site, load_site_from_folder,
+    noise_multiplier_for, param_shapes, train_round,
 )
-from common.privacy import PrivacyError, PrivacyLedger
+from common.journal import LedgerJournal
+from common.policy import (
+    HELD_OUT, TRAINING, HospitalPolicy, check_evaluate, check_train, parse_node_config,
+)
 
 NOISE_STATE = "noise-calibration"  # context.state: the calibrated noise multiplier, computed once per run
 
-app = ClientApp(mods=[audit_mod])
+log = logging.getLogger(__name__)
+app = ClientApp(mods=[audit_mod, guard_mod])
 
 
-def _setup(context: Context) -> tuple[Config, int]:
+def _setup(context: Context) -> tuple[Config, HospitalPolicy]:
     torch.set_num_threads(int(os.environ.get("FEDMETA_TORCH_THREADS", "1")))
     cfg = load_config(context.run_config)
-    return cfg, hospital_id(context)
+    return cfg, parse_node_config(context.node_config, cfg)
 
 
-def hospital_id(context: Context) -> int:
-    """`hospital-id` from the node config (deployment) or the simulation's `partition-id`."""
-    nc = context.node_config
-    for key in ("hospital-id", "partition-id"):
-        if key in nc:
-            return int(nc[key])
-    raise ValueError("node config has neither 'hospital-id' nor 'partition-id'; start the SuperNode "
-                     "with --node-config 'hospital-id=<n> ...'")
-
-
-def _site(cfg: Config, context: Context, hid: int) -> Site:
+def _site(cfg: Config, policy: HospitalPolicy) -> Site:
     """This hospital's records: its own folder (`hospital-data`, deployment) or its share of `data-dir`."""
-    folder = context.node_config.get("hospital-data")
-    if folder:
-        return load_site_from_folder(cfg, str(folder), hospital_id=hid)
-    return load_site(cfg, hid)
+    if policy.hospital_data:
+        return load_site_from_folder(cfg, policy.hospital_data, hospital_id=policy.hospital_id)
+    return load_site(cfg, policy.hospital_id)
+
+
+def _public_num_records(policy: HospitalPolicy, site: Site) -> int:
+    """The count the mechanism is set from: the published one, or (simulation) the public split's."""
+    return policy.public_num_records if policy.public_num_records is not None else site.num_records
 
 
 def _with_noise_multiplier(cfg: Config, context: Context, num_records: int) -> Config:
@@ -69,9 +73,7 @@ def _with_noise_multiplier(cfg: Config, context: Context, num_records: int) -> C
 
     In deployment each message runs in a fresh process, so the in-process cache of the calibration
     (`common.privacy.calibrate_noise_multiplier`) is empty every time; the value is kept in
-    `context.state` instead.
-    The noise is the same as calibrating every time: the calibration is a pure function of
-    the config and the number of records.
+    `context.state` instead. It is a pure function of the config and the public record count.
     """
     if not cfg.dp or cfg.noise_multiplier > 0:
         return cfg
@@ -95,72 +97,74 @@ def _theta(msg: Message, site: Site, cfg: Config) -> dict[str, torch.Tensor]:
     return {k: received[k].float() for k in expected}
 
 
-def _ledger_path(context: Context, cfg: Config) -> Path | None:
-    d = context.node_config.get("ledger-dir")
-    if not d and cfg.dp and "hospital-id" in context.node_config:
-        raise PrivacyError("a deployed hospital (node config 'hospital-id') with dp=true needs node config "
-                           "'ledger-dir': the folder on the hospital's side where its privacy ledger is kept, so "
-                           "that a restarted client continues its epsilon instead of starting from zero. Restart "
-                           "the SuperNode with --node-config '... ledger-dir=\"/path/to/folder\"'.")
-    return Path(str(d)).expanduser() / "privacy_ledger.json" if d else None
+def _journal(policy: HospitalPolicy, cfg: Config, context: Context) -> LedgerJournal:
+    """This hospital's ledger journal. Deployed: its `ledger-dir`, which must already hold a ledger.
+
+    Simulated: `<results-dir>/ledgers/hospital-<h>`, which the simulation operator's fresh run
+    (resume=false) starts anew, keeping the previous one beside it; a resumed run continues it
+    and is refused when it is missing.
+    """
+    if policy.ledger_dir:
+        return LedgerJournal(policy.ledger_dir)
+    journal = LedgerJournal(Path(cfg.results_dir).expanduser() / "ledgers" / f"hospital-{policy.hospital_id}")
+    if not policy.simulated:
+        return journal
+    if journal.exists() and not cfg.resume and journal.header().get("run") != context.run_id:
+        journal.path.rename(journal.path.with_name(f"{journal.path.name}.replaced-{time.time():.0f}"))
+    if not journal.exists() and not cfg.resume:
+        journal.create(hospital_id=policy.hospital_id, run=context.run_id)
+    return journal
 
 
-def _load_ledger(context: Context, cfg: Config) -> PrivacyLedger:
-    path = _ledger_path(context, cfg)
-    if P.LEDGER_STATE in context.state:
-        return PrivacyLedger.from_state(dict(context.state[P.LEDGER_STATE]))
-    if path is not None and path.exists():
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise PrivacyError(f"privacy ledger {path} is unreadable ({exc}); refusing to train rather than "
-                               "restart this hospital's epsilon from zero. Restore the file from backup.") from exc
-        return PrivacyLedger.from_state(state)
-    return PrivacyLedger(delta=cfg.target_delta)
-
-
-def _save_ledger(context: Context, cfg: Config, ledger: PrivacyLedger) -> None:
-    state = ledger.to_state()
-    context.state[P.LEDGER_STATE] = ConfigRecord(state)
-    path = _ledger_path(context, cfg)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as fh:
-            fh.write(json.dumps(state))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+def _has_charges(policy: HospitalPolicy, cfg: Config, context: Context) -> bool:
+    if not policy.ledger_dir and policy.simulated:
+        return False  # a simulated run's ledger is its own run's
+    journal = LedgerJournal(policy.ledger_dir) if policy.ledger_dir else None
+    return journal is not None and journal.exists() and bool(journal.entries())
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    cfg, hid = _setup(context)
-    site = _site(cfg, context, hid)  # a missing or corrupt data folder fails here, at the start of the run
-    if cfg.dp and hid not in held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed):
-        _load_ledger(context, cfg)  # an unreadable ledger file fails here too
-        check_privacy_budget(_with_noise_multiplier(cfg, context, site.num_records), site.num_records)
-    return Message(RecordDict({P.METRICS: MetricRecord({P.HOSPITAL_ID: hid})}), reply_to=msg)
+    """Which hospital this is and its role; also the start checks (data, node config, ledger, budget)."""
+    cfg, policy = _setup(context)
+    site = _site(cfg, policy)  # a missing or corrupt data folder fails here, at the start of the run
+    metrics: dict = {P.HOSPITAL_ID: policy.hospital_id, P.HELD_OUT: int(policy.role == HELD_OUT)}
+    if policy.role == TRAINING:
+        check_train(policy, cfg, ledger_has_charges=not cfg.dp and _has_charges(policy, cfg, context))
+        if cfg.dp:
+            ledger = _journal(policy, cfg, context).ledger(delta=cfg.target_delta)  # missing/unreadable fails here
+            n_pub = _public_num_records(policy, site)
+            check_privacy_budget(_with_noise_multiplier(cfg, context, n_pub), n_pub)
+            metrics[P.EPSILON], metrics[P.DELTA] = ledger.epsilon(), ledger.delta
+    return Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, hid = _setup(context)
-    site = _site(cfg, context, hid)
+    cfg, policy = _setup(context)
+    check_train(policy, cfg, ledger_has_charges=not cfg.dp and _has_charges(policy, cfg, context))
+    journal = _journal(policy, cfg, context) if cfg.dp else None
+    site = _site(cfg, policy)
     theta = _theta(msg, site, cfg)
     server_round = int(msg.content[P.CONFIG][P.SERVER_ROUND])
-    ledger = _load_ledger(context, cfg) if cfg.dp else None
-    outcome = train_round(_with_noise_multiplier(cfg, context, site.num_records), site, theta, ledger=ledger,
-                          server_round=server_round)
-    if ledger is not None:
-        _save_ledger(context, cfg, ledger)
+    n_pub = _public_num_records(policy, site)
+    cfg = _with_noise_multiplier(cfg, context, n_pub)
+    if journal is None:
+        outcome, rounds = train_round(cfg, site, theta, ledger=None, server_round=server_round), 0
+    else:
+        # the lock is held from the budget check to the last charge: overlapping runs cannot both spend it
+        with journal.locked(run=context.run_id, delta=cfg.target_delta) as ledger:
+            ledger.server_round = server_round
+            outcome = train_round(cfg, site, theta, ledger=ledger, server_round=server_round,
+                                  public_num_records=n_pub)
+            rounds = ledger.rounds
     metrics = {
         P.NUM_EXAMPLES: outcome.num_examples,
         P.EPSILON: outcome.epsilon,
         P.DELTA: outcome.delta,
-        P.ROUNDS: ledger.rounds if ledger is not None else 0,
+        P.ROUNDS: rounds,
         P.DECLINED: int(outcome.update is None),
-        P.HOSPITAL_ID: hid,
+        P.HOSPITAL_ID: policy.hospital_id,
     }
     content = RecordDict()
     if outcome.update is None:
@@ -176,8 +180,10 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, hid = _setup(context)
-    site = _site(cfg, context, hid)
+    cfg, policy = _setup(context)
+    check_evaluate(policy)  # a training hospital never returns exact scores on its records
+    hid = policy.hospital_id
+    site = _site(cfg, policy)
     theta = _theta(msg, site, cfg)
     cfg, grid = _evaluation_request(cfg, msg.content[P.CONFIG] if P.CONFIG in msg.content else {})
     scores = adapt_and_score(cfg, site, theta)

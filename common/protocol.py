@@ -15,6 +15,7 @@ DELTA = "delta"
 ROUNDS = "rounds-participated"
 DECLINED = "declined"
 HOSPITAL_ID = "hospital-id"
+HELD_OUT = "held-out"            # query reply: 1 if the hospital's own role is held-out, 0 if training
 ACCURACY = "accuracy"
 AUC = "auc"
 ACCURACY_BEFORE = "accuracy-before"
@@ -29,8 +30,12 @@ ADAPT_METHOD = "adapt-method"    # evaluate: adapt this way (the choice made on 
 ADAPT_LR = "adapt-lr"
 ADAPT_STEPS = "adapt-steps"
 
-# Client state keys
-LEDGER_STATE = "privacy-ledger"
+# Error reply codes (hospital -> server). The reason sent with them holds no facts about the records;
+# the details stay in the hospital's own log.
+ERROR_REFUSED = 4001    # the hospital's policy refuses the request (role, limits, DP required, budget)
+ERROR_DATA = 4002       # the hospital's records failed its checks
+ERROR_CONFIG = 4003     # the run config or node config is invalid
+ERROR_INTERNAL = 4004   # anything else
 
 TRAIN_METRICS = (NUM_EXAMPLES, LOSS, EPSILON, DELTA, ROUNDS)
 EVAL_METRICS = (NUM_EXAMPLES, NUM_SUPPORT, ACCURACY, AUC, LOSS, ACCURACY_BEFORE, AUC_BEFORE, LOSS_BEFORE)

@@ -74,6 +74,7 @@ def discover_hospitals(grid: Grid, cfg: Config, known: dict[int, int], *, wait: 
         time.sleep(0.5)
         nodes = set(grid.get_node_ids())
     roster = {n: h for n, h in known.items() if n in nodes}
+    held_out = set(held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed))
     new = sorted(nodes - set(roster))
     if not new:
         return roster
@@ -92,6 +93,12 @@ def discover_hospitals(grid: Grid, cfg: Config, known: dict[int, int], *, wait: 
         hid = int(reply.content[P.METRICS][P.HOSPITAL_ID])
         if not 0 <= hid < cfg.num_hospitals:
             log.warning("node %d claims hospital id %d outside 0..%d; ignored", node, hid, cfg.num_hospitals - 1)
+            continue
+        says_held_out = bool(int(reply.content[P.METRICS].get(P.HELD_OUT, 0)))
+        if says_held_out != (hid in held_out):
+            log.warning("hospital %d (node %d) is a %s hospital by its own node config, but this run's split "
+                        "(seed, num-held-out) makes it a %s one; it is left out", hid, node,
+                        "held-out" if says_held_out else "training", "held-out" if hid in held_out else "training")
             continue
         stale = [n for n, h in roster.items() if h == hid]
         for n in stale:  # the same hospital on a new node: it restarted, the old node is gone

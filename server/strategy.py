@@ -136,13 +136,14 @@ class MetaGradientStrategy(Strategy):
         updates, weights, losses = [], [], []
         for msg in replies:
             who = self._who(msg)
+            hid = self.hospital_of.get(self._node_of(msg), -1)
             try:
-                metrics, arrays = self._check_train_reply(msg)
+                metrics, arrays = self._check_train_reply(msg, self.hospitals.get(hid))
             except InvalidUpdate as exc:
                 report.dropped.append(f"{who}: {exc}")
                 log.warning("round %d: dropped reply from %s: %s", server_round, who, exc)
                 continue
-            rec = self.hospitals.setdefault(self.hospital_of.get(self._node_of(msg), -1), HospitalRecord())
+            rec = self.hospitals.setdefault(hid, HospitalRecord())
             rec.epsilon, rec.delta = float(metrics[P.EPSILON]), float(metrics[P.DELTA])
             rec.rounds_participated = int(metrics.get(P.ROUNDS, rec.rounds_participated))
             if arrays is None:
@@ -171,7 +172,14 @@ class MetaGradientStrategy(Strategy):
             {"meta-loss": report.meta_loss, "replies": report.accepted}
         )
 
-    def _check_train_reply(self, msg: Message) -> tuple[MetricRecord, dict[str, np.ndarray] | None]:
+    def _check_train_reply(self, msg: Message,
+                           before: HospitalRecord | None = None) -> tuple[MetricRecord, dict[str, np.ndarray] | None]:
+        """The reply's metrics and update, or `InvalidUpdate` naming what is wrong.
+
+        Under DP the privacy figures must be consistent with what the hospital reported before:
+        epsilon never decreases (a ledger that restarted would hide what was spent) and delta is
+        the run's target-delta (an epsilon at another delta is not the one this run promises).
+        """
         if msg.has_error():
             raise InvalidUpdate(f"error reply ({msg.error.code}: {msg.error.reason})")
         content = msg.content
@@ -189,6 +197,13 @@ class MetaGradientStrategy(Strategy):
         if self.cfg.dp and float(metrics[P.EPSILON]) > self.cfg.target_epsilon + 1e-9:
             raise InvalidUpdate(f"reported epsilon {metrics[P.EPSILON]} exceeds target-epsilon "
                                 f"{self.cfg.target_epsilon}")
+        if self.cfg.dp and not math.isclose(float(metrics[P.DELTA]), self.cfg.target_delta, rel_tol=1e-9):
+            raise InvalidUpdate(f"reported delta {float(metrics[P.DELTA]):g} differs from target-delta "
+                                f"{self.cfg.target_delta:g}")
+        if self.cfg.dp and before is not None and float(metrics[P.EPSILON]) < before.epsilon - 1e-9:
+            raise InvalidUpdate(f"reported epsilon decreased from {before.epsilon:.4f} to "
+                                f"{float(metrics[P.EPSILON]):.4f}: its privacy ledger restarted or is not the one "
+                                "it spent from, so the update is refused")
         if int(metrics[P.DECLINED]):
             return metrics, None
         if P.LOSS not in metrics or not math.isfinite(float(metrics[P.LOSS])):

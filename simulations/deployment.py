@@ -112,6 +112,12 @@ class LocalDeployment:
                                                  hospitals=self.cfg.num_hospitals + 1)  # +1: an intruder's key
         if self.hospital_data and not self.data_dir.exists():
             prepare_hospital_folders(self.cfg, self.data_dir)
+        from common.journal import LedgerJournal  # noqa: PLC0415
+
+        for h in self.training_hospitals():  # each training hospital's explicit first use of its ledger
+            journal = LedgerJournal(self.ledger_dir(h))
+            if not journal.exists():
+                journal.create(hospital_id=h)
         self.cli_home.config_file.write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.link_port}"\nroot-certificates = "{self.tls.ca_cert}"\n',
@@ -144,8 +150,26 @@ class LocalDeployment:
         if out.returncode != 0:
             raise DeploymentError(f"flwr supernode register failed for hospital {hospital_id}:\n{out.stdout}")
 
+    def training_hospitals(self) -> list[int]:
+        from common.data import held_out_hospitals  # noqa: PLC0415
+
+        held = set(held_out_hospitals(self.cfg.num_hospitals, self.cfg.num_held_out, self.cfg.seed))
+        return [h for h in range(self.cfg.num_hospitals) if h not in held]
+
+    def ledger_dir(self, hospital_id: int) -> Path:
+        return self.root / "ledgers" / f"hospital-{hospital_id}"
+
     def node_config(self, hospital_id: int) -> str:
-        parts = [f"hospital-id={hospital_id}", f'ledger-dir="{self.root / "ledgers" / f"hospital-{hospital_id}"}"']
+        """The hospital's own settings: its id and role; for a training hospital its ledger, its limit
+        (the run's target-epsilon) and the record count it publishes."""
+        from common.hospital import load_site  # noqa: PLC0415
+
+        if hospital_id not in self.training_hospitals():
+            parts = [f"hospital-id={hospital_id}", 'role="held-out"']
+        else:
+            parts = [f"hospital-id={hospital_id}", 'role="training"', f'ledger-dir="{self.ledger_dir(hospital_id)}"',
+                     f"max-epsilon={float(self.cfg.target_epsilon)}",
+                     f"public-num-records={load_site(self.cfg, hospital_id).num_records}"]
         if self.hospital_data:
             parts.append(f'hospital-data="{self.data_dir / f"hospital-{hospital_id}"}"')
         return " ".join(parts)

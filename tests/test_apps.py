@@ -14,7 +14,7 @@ from common import protocol as P
 from common.config import load_config
 from common.data import dataset_info
 from common.model import build_model, get_params
-from common.privacy import PrivacyError
+from common.journal import LedgerJournal
 from server.strategy import MetaGradientStrategy, to_array_record
 
 
@@ -180,13 +180,15 @@ def test_every_algorithm_trains_without_dp(run_config, algorithm) -> None:
     assert reply.content[P.METRICS][P.EPSILON] == 0.0
 
 
-def test_ledger_survives_a_client_restart_through_the_hospital_side_file(run_config, tmp_path) -> None:
+def test_ledger_survives_a_client_restart_through_the_hospital_side_journal(run_config, tmp_path) -> None:
     _, theta = theta_for(run_config)
     ledger_dir = tmp_path / "hospital0"
+    LedgerJournal(ledger_dir).create(hospital_id=0)  # the explicit first use (python -m client.ledger init)
+    nc = {"hospital-id": 0, "role": "training", "ledger-dir": str(ledger_dir), "max-epsilon": 8.0,
+          "public-num-records": 50}
 
     def send_with_file(state: RecordDict, rnd: int) -> tuple[Message, Context]:
-        ctx = Context(run_id=1, node_id=100, node_config={"hospital-id": 0, "ledger-dir": str(ledger_dir)},
-                      state=state, run_config=run_config)
+        ctx = Context(run_id=1, node_id=100, node_config=nc, state=state, run_config=run_config)
         msg = Message(RecordDict({P.ARRAYS: to_array_record(theta), P.CONFIG: ConfigRecord({P.SERVER_ROUND: rnd})}),
                       dst_node_id=100, message_type=MessageType.TRAIN)
         return client_app(msg, ctx), ctx
@@ -194,11 +196,11 @@ def test_ledger_survives_a_client_restart_through_the_hospital_side_file(run_con
     first, ctx = send_with_file(RecordDict(), 1)
     second, _ = send_with_file(ctx.state, 2)
     eps2 = second.content[P.METRICS][P.EPSILON]
-    # the process restarts: context.state is empty, the file on the hospital's side is not
+    # the process restarts: context.state is empty, the journal on the hospital's side is not
     third, _ = send_with_file(RecordDict(), 3)
     m = third.content[P.METRICS]
     assert m[P.EPSILON] > eps2 > first.content[P.METRICS][P.EPSILON]
-    assert m[P.ROUNDS] == 3
-    (ledger_dir / "privacy_ledger.json").write_text("{not json")
-    with pytest.raises(PrivacyError, match="refusing"):  # a corrupt ledger must never restart from zero
-        send_with_file(RecordDict(), 4)
+    assert m[P.ROUNDS] == 3 and m[P.NUM_EXAMPLES] == 50  # the public count, not the exact one
+    (ledger_dir / "privacy_ledger.jsonl").write_text("{not json")
+    reply, _ = send_with_file(RecordDict(), 4)  # a corrupt ledger must never restart from zero
+    assert reply.has_error() and "refusing to train" in reply.error.reason

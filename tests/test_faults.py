@@ -27,8 +27,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from common import protocol as P
 from common.config import ConfigError, load_config
-from common.data import HOSPITAL_MANIFEST, DataError
-from common.hospital import prepare_hospital_folders
+from common.data import HOSPITAL_MANIFEST, DataError, held_out_hospitals
+from common.hospital import load_site, prepare_hospital_folders
+from common.journal import LedgerJournal
 from conftest import REPO, base_run_config, write_synthetic_npz
 from fake_grid import InProcessGrid, ServerCrash
 from server.app import run_federation
@@ -59,10 +60,20 @@ def small_rc(medmnist_dir, tmp_path, **over) -> dict:
 
 
 def nodes_for(rc: dict, tmp_path: Path, *, folders: Path | None = None) -> dict[int, dict]:
-    """Node 100+h is hospital h, deployed style: hospital-id, its own ledger file, optionally its own data."""
+    """Node 100+h is hospital h, deployed style: hospital-id, its role, its limits, its own ledger journal
+    (created once here, as `python -m client.ledger init` would), optionally its own data."""
+    cfg = load_config(rc)
+    held = set(held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed))
     nodes = {}
     for h in range(rc["num-hospitals"]):
-        nc = {"hospital-id": h, "ledger-dir": str(tmp_path / "ledgers" / f"hospital-{h}")}
+        if h in held:
+            nc = {"hospital-id": h, "role": "held-out"}
+        else:
+            ledger = tmp_path / "ledgers" / f"hospital-{h}"
+            if not LedgerJournal(ledger).exists():
+                LedgerJournal(ledger).create(hospital_id=h)  # the hospital's explicit first use
+            nc = {"hospital-id": h, "role": "training", "ledger-dir": str(ledger), "max-epsilon": 8.0,
+                  "public-num-records": load_site(cfg, h).num_records, "require-dp": cfg.dp}
         if folders is not None:
             nc["hospital-data"] = str(folders / f"hospital-{h}")
         nodes[100 + h] = nc
@@ -190,9 +201,9 @@ def test_hospital_killed_mid_round_round_completes_and_it_rejoins_with_its_epsil
     assert r3["replies"] == 3  # the hospital is back
     before, after = eps_seen[victim]
     hid = victim - 100
-    ledger = json.loads((tmp_path / "ledgers" / f"hospital-{hid}" / "privacy_ledger.json").read_text())
+    charges = LedgerJournal(tmp_path / "ledgers" / f"hospital-{hid}").entries()
     # round 2 was spent (recorded before computing) even though its result was lost: never undercounted
-    assert after > before and ledger["rounds"] == 3
+    assert after > before and len(charges) == 3
     assert summary["hospitals"][str(hid)]["rounds_participated"] == 3
 
 
@@ -386,8 +397,8 @@ def test_a_hospital_with_a_missing_or_corrupt_folder_fails_at_start_with_a_clear
     damage(broken)
     summary = run_federation(InProcessGrid(rc, nodes_for(rc, tmp_path, folders=folders)), load_config(rc))
     warnings = messages_in(flower_log)
-    assert "node 100 failed its start checks" in warnings
-    assert fragment in warnings and ("hospital data folder" in warnings or "belongs to hospital" in warnings)
+    assert "node 100 failed its start checks and is left out: this hospital's records failed its data checks" in warnings
+    assert fragment in warnings  # from the hospital's own log (in-process here); the reply carries only the code and ("hospital data folder" in warnings or "belongs to hospital" in warnings)
     assert 0 not in summary["training_hospitals"] and summary["status"] == "completed"
 
 
@@ -413,15 +424,15 @@ def test_deployed_hospital_without_a_ledger_dir_is_refused_at_start(medmnist_dir
     nodes = nodes_for(rc, tmp_path)
     del nodes[100]["ledger-dir"]
     run_federation(InProcessGrid(rc, nodes), load_config(rc))
-    assert "needs node config 'ledger-dir'" in messages_in(flower_log)
+    assert "needs node config ['ledger-dir']" in messages_in(flower_log)
 
 
 def test_an_unreadable_ledger_refuses_to_restart_epsilon_from_zero(medmnist_dir, tmp_path, flower_log) -> None:
     rc = small_rc(medmnist_dir, tmp_path, **{"num-server-rounds": 1})
-    ledger = tmp_path / "ledgers" / "hospital-0" / "privacy_ledger.json"
-    ledger.parent.mkdir(parents=True)
-    ledger.write_text('{"noise-multipliers": [1.0], "sample-rates": ')
-    summary = run_federation(InProcessGrid(rc, nodes_for(rc, tmp_path)), load_config(rc))
+    nodes = nodes_for(rc, tmp_path)
+    ledger = tmp_path / "ledgers" / "hospital-0" / "privacy_ledger.jsonl"
+    ledger.write_text(ledger.read_text() + '{"noise-multiplier": 1.0, "sample-rate": ')
+    summary = run_federation(InProcessGrid(rc, nodes), load_config(rc))
     assert "refusing to train rather than restart" in messages_in(flower_log)
     assert 0 not in summary["training_hospitals"]
 
