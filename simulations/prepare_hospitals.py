@@ -52,8 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         role = "held out" if m.source.get("held_out") else "training"
         print(f"hospital {m.hospital_id}: {m.num_records:5d} records ({role}) -> {out / f'hospital-{m.hospital_id}'}")
     print(f"{len(manifests)} hospital folders of {cfg.dataset} ({cfg.image_size}x{cfg.image_size}) in {out}. "
-          "Start each hospital's SuperNode with --node-config "
-          f"'hospital-id=<i> hospital-data=\"{out}/hospital-<i>\" ledger-dir=\"<a folder of its own>\"'.")
+          "A training hospital creates its ledger once (python -m client.ledger init <its ledger folder>) and "
+          "starts its SuperNode with --node-config "
+          f"'hospital-id=<i> role=\"training\" hospital-data=\"{out}/hospital-<i>\" ledger-dir=\"<its ledger folder>\" "
+          "max-epsilon=<its limit> public-num-records=<the count it publishes>'; a held-out one with "
+          f"'hospital-id=<i> role=\"held-out\" hospital-data=\"{out}/hospital-<i>\"'.")
     return 0
 
 
