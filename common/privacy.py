@@ -22,36 +22,55 @@ server would let it subtract the noise.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import os
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any
-
-import logging
 
 import numpy as np
 import torch
-
-_root_handlers = list(logging.getLogger().handlers)
-from opacus.accountants import RDPAccountant  # noqa: E402
-from opacus.accountants.analysis import rdp as rdp_analysis  # noqa: E402
-from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
-from torch import nn  # noqa: E402
-
-# Importing Opacus calls logging.basicConfig(), which adds a root handler: every line Flower logs
-# would then be printed twice (and its DEBUG lines once). Undo exactly that handler.
-for _h in list(logging.getLogger().handlers):
-    if _h not in _root_handlers:
-        logging.getLogger().removeHandler(_h)
+from torch import nn
 
 from common.maml import Batch, GradientFn, GradientRelease, Params, PerSampleFn, per_sample_gradients
 
+
+def _opacus_rdp_analysis() -> ModuleType:
+    """Opacus' RDP analysis (`opacus/accountants/analysis/rdp.py`: `compute_rdp`, `get_privacy_spent`).
+
+    The module itself needs only NumPy and SciPy, but `import opacus.accountants...` first runs
+    `opacus/__init__`, which imports the PrivacyEngine, the optimisers and the grad-sample stack:
+    seconds of start-up in every ClientApp process, for code a hospital never calls. So the same
+    file is loaded on its own (or taken from `sys.modules` when Opacus is already imported). The
+    accountant's figures are Opacus' own; tests compare them with `opacus.accountants.RDPAccountant`.
+    """
+    name = "opacus.accountants.analysis.rdp"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec("opacus")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("opacus is not installed (pip install -e .)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "accountants" / "analysis" / "rdp.py"
+    mod_spec = importlib.util.spec_from_file_location("_fedmeta_opacus_rdp", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module
+
+
+rdp_analysis = _opacus_rdp_analysis()
+
 ACCOUNTANT = "rdp"
-# Opacus' default RDP orders stop at 63; small noise multipliers (large epsilon targets) have their
-# optimum beyond that, so the orders are extended. Every epsilon here uses these orders.
-RDP_ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS) + tuple(float(a) for a in range(64, 257, 4))
+# Opacus' default RDP orders (`RDPAccountant.DEFAULT_ALPHAS`: 1.1 ... 10.9, 12 ... 63), extended to 256:
+# small noise multipliers (large epsilon targets) have their optimum beyond 63. Every epsilon here
+# uses these orders.
+OPACUS_DEFAULT_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
+RDP_ORDERS = OPACUS_DEFAULT_ORDERS + tuple(float(a) for a in range(64, 257, 4))
+MAX_NOISE_MULTIPLIER = 2**20
 
 
 class PrivacyError(ValueError):
@@ -108,25 +127,36 @@ def calibrate_noise_multiplier(
 ) -> float:
     """Smallest gradient noise multiplier whose `steps` accounted steps stay within `target_epsilon`.
 
-    Opacus' `get_noise_multiplier` finds the accounted (joint) multiplier; the gradient's own
+    The search finds the accounted (joint) multiplier with Opacus' RDP analysis; the gradient's own
     multiplier follows from `effective_noise_multiplier`.
     """
     if target_epsilon <= 0 or steps < 1:
         raise PrivacyError(f"need target_epsilon > 0 and steps >= 1, got {target_epsilon}, {steps}")
-    try:
-        with warnings.catch_warnings():
-            # the bisection probes very large sigmas whose optimum RDP order is the largest one
+
+    def eps(sigma_eff: float) -> float:
+        with warnings.catch_warnings():  # very large sigmas have their optimum at the largest order
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            sigma_eff = get_noise_multiplier(
-                target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                steps=steps, accountant=ACCOUNTANT, epsilon_tolerance=0.005, alphas=list(RDP_ORDERS),
+            return epsilon_of_history([(sigma_eff, sample_rate, steps)], delta)
+
+    # the smallest accounted noise multiplier within the target: double until below it, then bisect
+    # until the target is missed by at most a tolerance (as Opacus' get_noise_multiplier does)
+    low, high = 0.0, 10.0
+    while eps(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > MAX_NOISE_MULTIPLIER:
+            raise PrivacyError(
+                f"target-epsilon={target_epsilon} at target-delta={delta} cannot be met with "
+                f"{steps} noisy steps at sampling rate {sample_rate:.4g}. Raise target-epsilon, "
+                "lower num-server-rounds or inner-steps, or lower batch-size."
             )
-    except ValueError as exc:
-        raise PrivacyError(
-            f"target-epsilon={target_epsilon} at target-delta={delta} cannot be met with "
-            f"{steps} noisy steps at sampling rate {sample_rate:.4g} ({exc}). Raise target-epsilon, "
-            "lower num-server-rounds or inner-steps, or lower batch-size."
-        ) from exc
+    tolerance = 0.005
+    while target_epsilon - eps(high) > tolerance:
+        mid = (low + high) / 2
+        if eps(mid) <= target_epsilon:
+            high = mid
+        else:
+            low = mid
+    sigma_eff = high
     sigma = sigma_eff * math.sqrt(1.0 + 1.0 / loss_noise_factor**2)
     # Guard the rounding of the search: the planned run must end within the target.
     if epsilon_for(noise_multiplier=effective_noise_multiplier(sigma, loss_noise_factor),
@@ -136,10 +166,8 @@ def calibrate_noise_multiplier(
 
 
 def epsilon_for(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """Epsilon of `steps` subsampled Gaussian steps, from Opacus' RDP accountant."""
-    acc = RDPAccountant()
-    acc.history = [(noise_multiplier, sample_rate, steps)]
-    return float(acc.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
+    """Epsilon of `steps` subsampled Gaussian steps, from Opacus' RDP analysis."""
+    return epsilon_of_history([(noise_multiplier, sample_rate, steps)], delta)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -163,7 +191,7 @@ def epsilon_of_history(history: list[tuple[float, float, int]], delta: float) ->
 
 
 class PrivacyLedger:
-    """One hospital's running privacy account over the whole run, around an Opacus accountant.
+    """One hospital's running privacy account: the history Opacus' `RDPAccountant` keeps, and its epsilon.
 
     Its state is three lists (noise multipliers, sample rates, step counts) plus delta and the
     number of rounds trained, so it can live in a Flower `ConfigRecord` or a JSON file and be
@@ -176,15 +204,15 @@ class PrivacyLedger:
             raise PrivacyError(f"delta must be in (0, 1), got {delta}")
         self.delta = delta
         self.rounds = rounds
-        self._accountant = RDPAccountant()
-        self._accountant.history = [(float(s), float(q), int(n)) for s, q, n in (history or [])]
+        self._history = [(float(s), float(q), int(n)) for s, q, n in (history or [])]
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
-        return list(self._accountant.history)
+        """(noise multiplier, sample rate, steps) entries: the format of Opacus' `RDPAccountant.history`."""
+        return list(self._history)
 
     def epsilon(self) -> float:
-        return epsilon_of_history(self._accountant.history, self.delta)
+        return epsilon_of_history(self._history, self.delta)
 
     def epsilon_after(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """Epsilon if `steps` more steps were taken (nothing is recorded)."""
@@ -196,7 +224,7 @@ class PrivacyLedger:
         """Add `steps` subsampled Gaussian steps (merged with the last entry when identical)."""
         if steps < 1 or not noise_multiplier > 0 or not 0 < sample_rate <= 1:
             raise PrivacyError(f"invalid privacy step ({noise_multiplier}, {sample_rate}, {steps})")
-        hist = self._accountant.history
+        hist = self._history
         if hist and hist[-1][0] == noise_multiplier and hist[-1][1] == sample_rate:
             hist[-1] = (noise_multiplier, sample_rate, hist[-1][2] + steps)
         else:

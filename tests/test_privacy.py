@@ -132,3 +132,26 @@ def test_spec_validation() -> None:
     with pytest.raises(PrivacyError):
         PrivacySpec(noise_multiplier=1.0, max_grad_norm=1.0, delta=1.5, loss_clip=1.0, loss_noise_factor=1.0)
     assert sample_rate(batch_size=500, num_records=100) == 1.0
+
+
+def test_the_accountant_is_opacus_own_analysis_without_the_opacus_package() -> None:
+    """The RDP maths is Opacus' file, its orders are Opacus' defaults, and the calibration finds what
+    Opacus' `get_noise_multiplier` finds; yet a hospital's process never imports the opacus package."""
+    import subprocess
+    import sys
+
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from common.privacy import OPACUS_DEFAULT_ORDERS
+
+    assert list(OPACUS_DEFAULT_ORDERS) == list(RDPAccountant.DEFAULT_ALPHAS)
+    for q, steps, target in ((0.05, 400, 8.0), (0.3, 40, 1.0), (1.0, 10, 30.0)):
+        ours = calibrate_noise_multiplier(target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps,
+                                          loss_noise_factor=1e9)  # sigma_eff == sigma
+        ref = get_noise_multiplier(target_epsilon=target, target_delta=1e-5, sample_rate=q, steps=steps,
+                                   accountant="rdp", epsilon_tolerance=0.005, alphas=list(RDP_ORDERS))
+        assert ours == pytest.approx(ref, rel=2e-3)
+    code = ("import sys, client.app, common.hospital, server.app; "
+            "print(sorted(m for m in sys.modules if m == 'opacus' or m.startswith('opacus.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
