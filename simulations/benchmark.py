@@ -1,10 +1,14 @@
 """Benchmarks: DP overhead, federation overhead against the compute floor, and scale (not unit tests).
 
-    python -m simulations.benchmark [--quick] [--out docs/results/benchmark]
+    python -m simulations.benchmark [--quick] [--skip-flower] [--out DIR]
 
 Prints the ratios and writes ``benchmark.json`` (keys ``dp_overhead``, ``federation_overhead_10``,
-``federation_overhead_100``, ``peak_memory_gib_1000``, ``machine`` and the details of each
-measurement) into ``--out``.
+``federation_overhead_100``, ``peak_memory_gib_1000``, ``secure_noise_seconds``, ``mt_noise_seconds``,
+``secure_noise_over_mt``, ``torch_import_s``, ``clientapp_import_s``, ``machine`` and the details of
+each measurement) into ``--out``, by default ``./benchmark-out`` under the current directory. The
+committed results (``docs/results/benchmark``) are written only when ``--out`` names that folder,
+and never by ``--quick`` or ``--skip-flower`` runs (fewer repetitions, or figures missing) unless
+``--force`` is given. A quick run writes the same keys as a full run, from fewer repetitions.
 
 How each figure is measured (everything in one run, on this machine, one torch thread per process):
 
@@ -24,6 +28,13 @@ How each figure is measured (everything in one run, on this machine, one torch t
   before and once after the Flower run (the machine is shared; its load drifts); medians. Flower
   gets as many CPUs as the floor (``--num-cpus``, default 1), so the ratio is the cost of the
   federation, not of parallelism.
+- **DP noise source**: one release of noise for every parameter of the model (one draw per
+  parameter tensor, as `common.privacy.gaussian_noise` makes them) from the product's source,
+  `common.privacy.SecureRandom` (``os.urandom`` + Box-Muller), and from a seeded ``torch.Generator``
+  (Mersenne Twister, created once) with ``torch.normal``; interleaved, order rotated every repetition;
+  medians of the per-release seconds and of the per-repetition ratios (``secure_noise_over_mt``).
+- **import times**: wall time of a bare ``python -c "import torch"`` and ``python -c "import
+  client.app"`` subprocess in this environment, interleaved after one warm-up each; medians.
 - **scale**: the same Flower run at 10, 100 and 1,000 registered hospitals: wall per round and
   peak memory of the whole process tree (sum of PSS from ``/proc/<pid>/smaps_rollup`` over the
   launcher and all its descendants, sampled every 0.25 s; the launcher is a subreaper, so Ray
@@ -44,10 +55,13 @@ import tempfile
 import time
 import tomllib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+COMMITTED_OUT = REPO_ROOT / "docs" / "results" / "benchmark"
+DEFAULT_OUT = "benchmark-out"  # relative to the current directory
 PREFIX = "[benchmark]"
 TARGETS = {"dp_overhead": 1.5, "federation_overhead_10": 1.3, "peak_memory_gib_1000": 4.0}
 
@@ -216,6 +230,76 @@ def bench_dp_round(data_dir: str, *, reps: int) -> dict[str, Any]:
                        "batch_size": cfg_dp.batch_size, "target_epsilon": cfg_dp.target_epsilon}}
 
 
+# --------------------------------------------------------------------------- DP noise source and imports
+
+
+def bench_noise(*, reps: int, std: float = 1.0) -> dict[str, Any]:
+    """Seconds for one release of noise over all model parameters: `SecureRandom` vs a seeded torch.Generator.
+
+    The product draws its DP noise from `common.privacy.SecureRandom` (os.urandom + Box-Muller, numpy,
+    float64); a seeded Mersenne Twister (`torch.normal`) is what it replaced, and what tests replay runs with.
+    """
+    import math
+
+    import torch
+
+    from common.data import dataset_info
+    from common.hospital import param_shapes
+    from common.privacy import SecureRandom
+
+    shapes = [shape for _, shape in param_shapes(dataset_info("breastmnist"))]
+    secure, mt = SecureRandom(), torch.Generator().manual_seed(0)
+
+    def secure_release() -> None:
+        for shape in shapes:
+            secure.normal(shape, std=std)
+
+    def mt_release() -> None:
+        for shape in shapes:
+            torch.normal(0.0, std, size=shape, generator=mt)
+
+    draws = {"secure": secure_release, "mt": mt_release}
+    times: dict[str, list[float]] = {k: [] for k in draws}
+    for rep in range(reps + 1):
+        for k in _rotated(list(draws), rep):
+            t0 = time.perf_counter()
+            draws[k]()
+            if rep >= 1:  # warm-up
+                times[k].append(time.perf_counter() - t0)
+    stats = _ratio_stats(times, "mt")
+    return {"secure_noise_seconds": stats["secure"]["median_seconds"],
+            "mt_noise_seconds": stats["mt"]["median_seconds"],
+            "secure_noise_over_mt": stats["secure"]["ratio_median"],
+            "noise": {"num_parameters": sum(math.prod(s) for s in shapes), "tensors": len(shapes), "std": std,
+                      "releases": stats}}
+
+
+IMPORTS = {"torch_import_s": "import torch", "clientapp_import_s": "import client.app"}
+
+
+def bench_imports(*, reps: int) -> dict[str, Any]:
+    """Median wall seconds of a bare `python -c "<import>"` per entry of `IMPORTS`, interleaved.
+
+    This is what every fresh Python process of a run pays before its first line of work (a ClientApp
+    process, `simulations.run --check`, a benchmark subprocess); one untimed warm-up each fills the file cache.
+    """
+    def once(code: str) -> float:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"python -c {code!r} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {k: [] for k in IMPORTS}
+    for rep in range(reps + 1):
+        for k in _rotated(list(IMPORTS), rep):
+            t = once(IMPORTS[k])
+            if rep >= 1:
+                times[k].append(t)
+    return {**{k: st.median(v) for k, v in times.items()},
+            "imports": {"statements": IMPORTS, "seconds": times, "reps": reps}}
+
+
 # --------------------------------------------------------------------------- Flower runs
 
 
@@ -322,60 +406,115 @@ def bench_federation(data_dir: str, *, sizes: Sequence[int], rounds: int, num_cp
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m simulations.benchmark", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions and rounds")
-    ap.add_argument("--out", default=str(REPO_ROOT / "docs" / "results" / "benchmark"))
-    ap.add_argument("--data-dir", default=str(REPO_ROOT.parent / "shared" / "data" / "medmnist"))
-    ap.add_argument("--num-cpus", type=int, default=1, help="CPUs for the Flower simulation (floor: 1 process)")
-    ap.add_argument("--timeout", type=float, default=1800.0, help="per Flower run, seconds")
-    ap.add_argument("--skip-flower", action="store_true", help="only the in-process measurements")
-    args = ap.parse_args(argv)
+@dataclass(frozen=True)
+class Settings:
+    """Repetitions of one benchmark run; a quick run changes only these numbers, never what is measured."""
 
-    import torch
+    reps: int  # DP rounds; per-sample engines get twice as many
+    rounds: int  # rounds of every Flower run and of its compute floor
+    noise_reps: int
+    import_reps: int
 
-    torch.set_num_threads(1)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    data_dir = str(Path(args.data_dir).expanduser().resolve())
-    reps = 5 if args.quick else 15
-    result: dict[str, Any] = {"machine": machine(), "quick": args.quick,
-                              "command": "python -m simulations.benchmark " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))}
-    t0 = time.perf_counter()
+
+FULL = Settings(reps=15, rounds=10, noise_reps=200, import_reps=7)
+QUICK = Settings(reps=5, rounds=5, noise_reps=50, import_reps=3)
+SCALE_SIZES = (10, 100, 1000)
+FLOOR_SIZES = (10, 100)
+
+
+def output_dir(out: str | None, *, partial: bool, force: bool) -> Path:
+    """Where `benchmark.json` goes: `--out`, or `./benchmark-out` when it is not given.
+
+    A partial run (`--quick`, `--skip-flower`) into the committed folder would replace the full
+    results with fewer repetitions or missing figures: refused unless `force`.
+    """
+    path = Path(out if out else DEFAULT_OUT).expanduser().resolve()
+    if partial and not force and path == COMMITTED_OUT.resolve():
+        raise ValueError(
+            f"--out {out} is the folder of the committed full results ({COMMITTED_OUT}); a --quick or "
+            "--skip-flower run would overwrite them with fewer repetitions or missing figures. Choose "
+            "another --out, or add --force to overwrite them anyway.")
+    return path
+
+
+def measure(settings: Settings, *, data_dir: str, skip_flower: bool, num_cpus: int, timeout: float) -> dict[str, Any]:
+    """Every measurement, printed as it completes; the result keys depend on `skip_flower` only, never on
+    `settings`, so a quick run writes the same keys as a full one."""
+    result: dict[str, Any] = {}
     print(f"{PREFIX} per-sample gradient engines ...", flush=True)
-    result["engines"] = bench_engines(data_dir, reps=reps * 2)
+    result["engines"] = bench_engines(data_dir, reps=settings.reps * 2)
     for k, v in result["engines"]["engines"].items():
         print(f"{PREFIX}   {k:22s} {1e3 * v['median_seconds'] / 3:7.1f} ms/call  x{v['ratio_median']:.2f} of vmap "
               f"({v['ratio_min']:.2f}-{v['ratio_max']:.2f})" +
               (f"  max|diff| {v['max_abs_diff_vs_vmap']:.1e}" if 'max_abs_diff_vs_vmap' in v else ""), flush=True)
     print(f"{PREFIX} DP round vs non-DP round ...", flush=True)
-    dp = bench_dp_round(data_dir, reps=reps)
+    dp = bench_dp_round(data_dir, reps=settings.reps)
     result["dp"] = dp
     result["dp_overhead"] = dp["dp_overhead"]
     for k, v in dp["rounds"].items():
         print(f"{PREFIX}   {k:8s} {v['median_seconds']:.3f} s/round  x{v['ratio_median']:.2f} ({v['ratio_min']:.2f}-{v['ratio_max']:.2f})",
               flush=True)
-    if not args.skip_flower:
-        rounds = 5 if args.quick else 10
-        fed = bench_federation(data_dir, sizes=(10, 100, 1000), rounds=rounds, num_cpus=args.num_cpus,
-                               timeout=args.timeout, floor_sizes=(10, 100))
+    print(f"{PREFIX} DP noise source, one release of all parameters ...", flush=True)
+    result.update(bench_noise(reps=settings.noise_reps))
+    print(f"{PREFIX}   {result['noise']['num_parameters']} parameters: SecureRandom "
+          f"{1e3 * result['secure_noise_seconds']:.2f} ms, torch.Generator (MT) {1e3 * result['mt_noise_seconds']:.2f} ms, "
+          f"x{result['secure_noise_over_mt']:.1f}", flush=True)
+    print(f"{PREFIX} import times (fresh python processes) ...", flush=True)
+    result.update(bench_imports(reps=settings.import_reps))
+    print(f"{PREFIX}   import torch {result['torch_import_s']:.2f} s, import client.app {result['clientapp_import_s']:.2f} s",
+          flush=True)
+    if not skip_flower:
+        fed = bench_federation(data_dir, sizes=SCALE_SIZES, rounds=settings.rounds, num_cpus=num_cpus,
+                               timeout=timeout, floor_sizes=FLOOR_SIZES)
         result["federation"] = fed
         result["federation_overhead_10"] = fed["10"]["overhead"]
         result["federation_overhead_100"] = fed["100"]["overhead"]
         result["peak_memory_gib_1000"] = fed["1000"]["peak_memory_gib"]
         result["scale"] = {n: {"round_seconds_median": fed[n]["flower_steady_median"],
                                "peak_memory_gib": fed[n]["peak_memory_gib"]} for n in fed}
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m simulations.benchmark", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and rounds (same measurements and keys)")
+    ap.add_argument("--out", default=None,
+                    help=f"folder for benchmark.json (default: ./{DEFAULT_OUT}); the committed results are "
+                    f"{COMMITTED_OUT.relative_to(REPO_ROOT)}")
+    ap.add_argument("--force", action="store_true",
+                    help="allow a --quick or --skip-flower run to overwrite the committed results")
+    ap.add_argument("--data-dir", default=str(REPO_ROOT.parent / "shared" / "data" / "medmnist"))
+    ap.add_argument("--num-cpus", type=int, default=1, help="CPUs for the Flower simulation (floor: 1 process)")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="per Flower run, seconds")
+    ap.add_argument("--skip-flower", action="store_true", help="only the in-process measurements")
+    args = ap.parse_args(argv)
+    try:
+        out = output_dir(args.out, partial=args.quick or args.skip_flower, force=args.force)
+    except ValueError as err:
+        ap.error(str(err))
+
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    data_dir = str(Path(args.data_dir).expanduser().resolve())
+    result: dict[str, Any] = {"machine": machine(), "quick": args.quick,
+                              "command": "python -m simulations.benchmark " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))}
+    t0 = time.perf_counter()
+    result.update(measure(QUICK if args.quick else FULL, data_dir=data_dir, skip_flower=args.skip_flower,
+                          num_cpus=args.num_cpus, timeout=args.timeout))
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["targets"] = TARGETS
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{PREFIX} ---")
     for key, target in TARGETS.items():
         if key in result:
             print(f"{PREFIX} {key:24s} {result[key]:.3f}  (target <= {target})")
-    if "federation_overhead_100" in result:
-        print(f"{PREFIX} {'federation_overhead_100':24s} {result['federation_overhead_100']:.3f}")
+    for key in ("federation_overhead_100", "secure_noise_over_mt", "torch_import_s", "clientapp_import_s"):
+        if key in result:
+            print(f"{PREFIX} {key:24s} {result[key]:.3f}")
     print(f"{PREFIX} wrote {out / 'benchmark.json'} in {result['seconds']:.0f}s")
     return 0
 

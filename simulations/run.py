@@ -1,6 +1,6 @@
 """Run the federated meta-learning app on Flower's simulation engine through a private local SuperLink.
 
-    python -m simulations.run [--run-config "key=value key2=\\"str\\""] [--app-dir PATH]
+    python -m simulations.run [--run-config "key=value key2=\\"str\\""] [--app-dir PATH] [--check]
 
 What it does, in order:
 1. Resolves the run config exactly as Flower will: `[tool.flwr.app.config]` of the app's
@@ -8,23 +8,31 @@ What it does, in order:
    `get_fused_config_from_dir`), rewrites `data-dir` / `results-dir` to absolute paths (relative
    to the caller's cwd, `~` expanded) and validates the result with `common.config.load_config`.
    An invalid config prints the `ConfigError` to stderr and exits 2 before anything is started.
-2. Runs `flwr run <app-dir> --stream --run-config <overrides.toml> --federation-config
+2. Resolves the data once, in a child process (`python -m simulations.run --check`, so that the
+   launcher never holds torch or the dataset while Flower runs): loads `<data-dir>/<dataset>.npz`,
+   downloading it (MD5-checked) when it is missing or unusable and `download=true`, splits it into
+   the run's hospitals and checks that the smallest training hospital can meet the privacy target.
+   Any problem (offline, bad checksum, missing file, corrupt file, ...) is one paragraph on stderr
+   and exit 2, before Flower starts; the simulated hospitals then find the file and never download.
+3. Runs `flwr run <app-dir> --stream --run-config <overrides.toml> --federation-config
    "num-supernodes=<num-hospitals> client-resources-num-cpus=1 init-args-num-cpus=<cores> ..."`
    in a private temporary FLWR_HOME whose `local` connection makes the CLI start a managed
    SuperLink on a free 127.0.0.1 port (never attaching to another SuperLink), with runtime
    dependency installation, telemetry and the update check disabled. Flower's output is streamed.
-3. Exit code 0 only if the run finished as `finished:completed` and `<results-dir>/summary.json`
+4. Exit code 0 only if the run finished as `finished:completed` and `<results-dir>/summary.json`
    was (re)written during this launch with `"status": "completed"`; otherwise a one-line reason
    on stderr and exit 1 (2: bad config/arguments, 3: Flower could not be launched, 130/143:
    interrupted). Ctrl-C / SIGTERM / `--timeout` stop the run with `flwr stop`.
-4. Always stops every process carrying our FLWR_HOME (SuperLink, SuperExec, flwr-simulation, Ray)
+5. Always stops every process carrying our FLWR_HOME (SuperLink, SuperExec, flwr-simulation, Ray)
    and deletes the temporary FLWR_HOME.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import logging
 import os
 import re
 import signal
@@ -133,6 +141,78 @@ def validate_run_config(fused: Mapping[str, Any]) -> Any:
         return load_config(fused)
     except ConfigError as err:
         raise ConfigProblem(str(err)) from None
+
+
+def check_data(cfg: Any) -> str:
+    """Resolve the run's MedMNIST file once and check that the run can train on it; return a summary line.
+
+    Loads `<data-dir>/<dataset>[_<size>].npz` with `common.data.load_medmnist`, which downloads a missing
+    file (MD5-checked, atomic) when `download` is true. A file that is there but unusable (corrupt, not
+    the official format) is replaced the same way when `download` is true, and otherwise refused. Then
+    splits the records into the run's hospitals and checks that the smallest training hospital can meet
+    the privacy target (`common.hospital.check_privacy_budget`, as `prepare_hospitals` does). Every
+    problem raises `ConfigProblem` with a one-paragraph message naming the file, the folder and the URL
+    where they matter. Imports torch: call it in a child process (`--check`), not in the launcher.
+    """
+    from common import data as D  # noqa: PLC0415 - heavy (torch); only in the --check child
+    from common.hospital import check_privacy_budget, hospital_indices  # noqa: PLC0415
+    from common.privacy import PrivacyError  # noqa: PLC0415
+
+    try:
+        path = D.npz_path(cfg.dataset, cfg.data_dir, cfg.image_size)
+        load = functools.partial(D.load_medmnist, cfg.dataset, cfg.data_dir, image_size=cfg.image_size,
+                                 download=cfg.download)
+        try:
+            ds = load()
+        except D.DataError:
+            if not (cfg.download and path.is_file()):
+                raise
+            try:
+                D.download_npz(cfg.dataset, cfg.data_dir, cfg.image_size)
+            except D.DataError as err:
+                raise D.DataError(f"{err} (The file already at {path} is not a valid MedMNIST file; it was "
+                                  "left as it is.)") from None
+            ds = load()
+        parts = hospital_indices(cfg, ds.labels, ds.info.n_classes)
+        held_out = set(D.held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed))
+        smallest = min(int(idx.size) for h, idx in enumerate(parts) if h not in held_out)
+        check_privacy_budget(cfg, smallest)
+    except (D.DataError, PrivacyError, OSError) as err:
+        raise ConfigProblem(str(err)) from None
+    return (f"data: {path} ({len(ds)} records; {len(parts) - len(held_out)} training hospitals, "
+            f"the smallest with {smallest})")
+
+
+def check_data_in_child(app_dir: Path, run_config_args: Sequence[str] | None, timeout: float | None) -> int:
+    """Run `python -m simulations.run --check` with the same arguments and cwd; return its exit code.
+
+    The child resolves the data (it may download it) and prints its own one-paragraph error; the
+    launcher itself never imports torch nor holds the dataset while Flower runs.
+    """
+    cmd = [sys.executable, "-m", "simulations.run", "--check", "--app-dir", str(app_dir)]
+    for value in run_config_args or ():
+        cmd += ["--run-config", value]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
+    return subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, timeout=timeout, check=False).returncode
+
+
+def check_only(args: argparse.Namespace) -> int:
+    """`--check`: resolve the config and the data, start nothing. 0 if the run can start, else 2 and
+    one paragraph on stderr (130 if interrupted, without a traceback)."""
+    data_log = logging.getLogger("common.data")  # "Downloading <url> to <path>" while it happens
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"{PREFIX} %(message)s"))
+    data_log.addHandler(handler)
+    data_log.setLevel(logging.INFO)
+    try:
+        fused, _ = resolve_run_config(Path(args.app_dir).expanduser().resolve(), args.run_config)
+        _say(check_data(validate_run_config(fused)))
+    except ConfigProblem as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    return EXIT_OK
 
 
 def federation_config(num_supernodes: int, num_cpus: int) -> str:
@@ -249,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Stop the run (flwr stop) and fail after this many seconds (default: no limit)",
     )
     p.add_argument("--keep-home", action="store_true", help="Keep the temporary FLWR_HOME (for debugging)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="Only check the run config and the data (downloading it if download=true), start nothing: "
+        "exit 0 if the run can start, 2 with the reason otherwise",
+    )
     return p
 
 
@@ -331,6 +417,18 @@ def launch(args: argparse.Namespace, started_at: float) -> tuple[int, str | None
     if args.num_cpus < 1:
         print("error: --num-cpus must be >= 1", file=sys.stderr, flush=True)
         return EXIT_CONFIG, None, None
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    _say(f"checking the data in {fused['data-dir']} ...")
+    try:
+        code = check_data_in_child(app_dir, args.run_config, args.timeout)
+    except subprocess.TimeoutExpired:
+        return EXIT_RUN_FAILED, "timed out (--timeout) while checking the data", None
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT, "interrupted by SIGINT while checking the data", None
+    if code == EXIT_CONFIG:
+        return EXIT_CONFIG, None, None
+    if code != EXIT_OK:
+        return EXIT_LAUNCH, f"checking the data failed (exit code {code})", None
 
     results_dir = Path(fused["results-dir"])
     summary_path = results_dir / SUMMARY_FILE
@@ -358,8 +456,8 @@ def launch(args: argparse.Namespace, started_at: float) -> tuple[int, str | None
     try:
         home = flower_env.create_flower_home(prefix="fedmeta-sim-")
         env = home.env()
-        if args.timeout:
-            signal.setitimer(signal.ITIMER_REAL, args.timeout)
+        if deadline is not None:
+            signal.setitimer(signal.ITIMER_REAL, max(deadline - time.monotonic(), 0.01))
         overrides_file = home.path / "run-config.toml"
         write_overrides_toml(overrides, overrides_file)
         fed = federation_config(cfg.num_hospitals, args.num_cpus)
@@ -434,6 +532,8 @@ def launch(args: argparse.Namespace, started_at: float) -> tuple[int, str | None
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.check:
+        return check_only(args)
     started_at = time.time()
     t0 = time.monotonic()
     code, reason, summary_path = launch(args, started_at)

@@ -7,6 +7,7 @@ contract: exit codes, summary check, cleanup), one against the project's own app
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import real_medmnist_dir
 from simulations import flower_env
 from simulations import run as launcher
 
@@ -166,6 +168,107 @@ def test_bad_app_dir_exits_2(tmp_path, capsys):
     assert "pyproject.toml" in capsys.readouterr().err
 
 
+# --------------------------------------------------------------------------- data resolved before Flower
+
+_CLOSED_PORT = "http://127.0.0.1:9"  # nothing listens there: every download is refused at once, on any machine
+_OFFLINE = {k: _CLOSED_PORT for k in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")} | {
+    "NO_PROXY": "", "no_proxy": ""}
+
+
+def _cli(run_config: str, cwd: Path, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m simulations.run --run-config ...` as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "simulations.run", "--run-config", run_config], cwd=cwd,
+                          env={**os.environ, **(env_extra or {})}, capture_output=True, text=True, timeout=300,
+                          check=False)
+
+
+def _stopped_before_flower(proc: subprocess.CompletedProcess) -> str:
+    """Exit 2, one paragraph on stderr, no traceback anywhere, a few lines in all, no Flower process started."""
+    from test_faults import _one_paragraph
+
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert out.count("Traceback") == 0, out[-3000:]
+    assert len(out.splitlines()) <= 10, out[-3000:]
+    assert "FLWR_HOME" not in proc.stdout and "SuperLink" not in out
+    return _one_paragraph(proc.stderr)
+
+
+@needs_config
+@pytest.mark.parametrize("existing", ["none", "corrupt"])
+def test_offline_download_fails_fast_with_one_paragraph_naming_file_folder_and_url(tmp_path, existing):
+    from medmnist.info import INFO
+
+    data = tmp_path / "data"
+    if existing == "corrupt":
+        data.mkdir()
+        (data / "breastmnist.npz").write_bytes(b"PK\x03\x04 not a MedMNIST file")
+    t0 = time.monotonic()
+    proc = _cli(f'data-dir="{data}" dataset="breastmnist" download=true results-dir="{tmp_path / "res"}"',
+                tmp_path, _OFFLINE)
+    err = _stopped_before_flower(proc)
+    assert time.monotonic() - t0 < 60
+    assert str(data / "breastmnist.npz") in err and INFO["breastmnist"]["url"] in err
+    assert "Could not download" in err
+    if existing == "corrupt":  # a failed download never touches what was there
+        assert (data / "breastmnist.npz").read_bytes() == b"PK\x03\x04 not a MedMNIST file"
+    assert not (tmp_path / "res").exists()
+
+
+@needs_config
+def test_every_bad_input_of_the_fault_suite_stops_the_launcher_before_flower(medmnist_dir, tmp_path):
+    """The fault suite's bad configs and data (`test_faults.BAD_INPUTS`), through the real launcher: each is
+    one paragraph and exit 2 before Flower starts, with no traceback."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_faults import BAD_INPUTS, _bad_data_dir
+
+    def run(case: str) -> tuple[str, subprocess.CompletedProcess]:
+        over, data_kind, _ = BAD_INPUTS[case]
+        work = tmp_path / case.replace(" ", "-")
+        work.mkdir()
+        rc = {"data-dir": str(_bad_data_dir(data_kind, medmnist_dir, work)), "num-hospitals": 4,
+              "num-held-out": 1, "results-dir": str(work / "res"), **over}
+        return case, _cli(" ".join(f"{k}={json.dumps(v)}" for k, v in rc.items()), work, _OFFLINE)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(pool.map(run, sorted(BAD_INPUTS)))
+    for case, proc in results.items():
+        assert BAD_INPUTS[case][2] in _stopped_before_flower(proc), case
+        assert not (tmp_path / case.replace(" ", "-") / "res").exists(), case
+
+
+@pytest.mark.skipif(real_medmnist_dir() is None, reason="needs the official breastmnist.npz (its MD5 is checked)")
+@pytest.mark.parametrize("existing", ["none", "corrupt"])
+def test_the_launcher_downloads_once_and_the_hospitals_never_download(tmp_path, monkeypatch, existing):
+    """`check_data` downloads a missing or unusable file (MD5-checked); afterwards a hospital loads it
+    with download=true and no network."""
+    import urllib.request
+
+    from common import data as D
+    from common.hospital import load_site
+
+    official = (real_medmnist_dir() / "breastmnist.npz").read_bytes()
+    data = tmp_path / "data"
+    if existing == "corrupt":
+        data.mkdir()
+        (data / "breastmnist.npz").write_bytes(official[:5000])
+    fused, _ = launcher.resolve_run_config(REPO, [f'data-dir="{data}" download=true num-hospitals=4 num-held-out=1'])
+    cfg = launcher.validate_run_config(fused)
+    urls = []
+    monkeypatch.setattr(urllib.request, "urlopen", lambda req, timeout: urls.append(req.full_url) or io.BytesIO(official))
+    D.clear_cache()
+    assert "3 training hospitals" in launcher.check_data(cfg)
+    assert len(urls) == 1 and (data / "breastmnist.npz").read_bytes() == official
+
+    def offline(*_a, **_k):
+        raise AssertionError("a hospital downloaded the file again")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    D.clear_cache()
+    assert load_site(cfg, 0).num_records > 0
+
+
 # --------------------------------------------------------------------------- summary check
 
 
@@ -277,7 +380,7 @@ def main(grid: Grid, context: Context) -> None:
                         message_type=MessageType.QUERY) for n in nodes]
         replies = list(grid.send_and_receive(msgs, timeout=float(rc["round-timeout"])))
         print(f"probe round {rnd}: {sum(m.has_content() for m in replies)}/{len(nodes)} replies", flush=True)
-    if rc["dataset"] == "fail-on-purpose":
+    if rc["results-dir"].endswith("bad"):
         raise RuntimeError("probe ServerApp fails on purpose")
     out = Path(rc["results-dir"]); out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps({"status": "completed"}))
@@ -341,11 +444,11 @@ def _launch(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Comp
 
 @pytest.mark.slow
 @needs_config
-def test_launcher_end_to_end_with_probe_app(tmp_path):
+def test_launcher_end_to_end_with_probe_app(tmp_path, medmnist_dir):
     app = _write_probe_app(tmp_path)
     common = (
         "num-hospitals=3 num-held-out=1 clients-per-round=2 min-replies=1 num-server-rounds=2 "
-        "round-timeout=60.0"
+        f'round-timeout=60.0 data-dir="{medmnist_dir}"'
     )
     t0 = time.time()
     ok = _launch(["--app-dir", str(app), "--run-config", f'{common} results-dir="res/ok"'], cwd=tmp_path)
@@ -358,7 +461,7 @@ def test_launcher_end_to_end_with_probe_app(tmp_path):
     assert _leftovers(ok.stdout) == []
 
     bad = _launch(
-        ["--app-dir", str(app), "--run-config", f'{common} dataset="fail-on-purpose" results-dir="res/bad"'],
+        ["--app-dir", str(app), "--run-config", f'{common} results-dir="res/bad"'],
         cwd=tmp_path,
     )
     assert bad.returncode == 1, bad.stdout[-3000:] + bad.stderr[-3000:]
