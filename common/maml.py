@@ -237,7 +237,6 @@ def meta_update(
     """
     if algorithm not in ("maml", "fomaml", "reptile", "fedavg"):
         raise ValueError(f"unknown algorithm {algorithm!r}; use maml, fomaml, reptile or fedavg")
-    first_order = algorithm != "maml"
     if algorithm in ("maml", "fomaml") and query is None:
         raise ValueError(f"algorithm {algorithm!r} needs a query batch")
 

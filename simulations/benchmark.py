@@ -127,7 +127,6 @@ def _ratio_stats(times: Mapping[str, list[float]], base: str) -> dict[str, Any]:
 
 def bench_engines(data_dir: str, *, reps: int, batch_size: int = 16) -> dict[str, Any]:
     import numpy as np
-    import torch
 
     from common import data as D
     from common.maml import PER_SAMPLE_ENGINES, mean_gradient, per_sample_gradients

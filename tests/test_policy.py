@@ -5,8 +5,6 @@ Every test drives the real ClientApp handlers (and, where it matters, the real s
 
 from __future__ import annotations
 
-import json
-import math
 import threading
 
 import numpy as np
