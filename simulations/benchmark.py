@@ -193,22 +193,18 @@ def bench_dp_round(data_dir: str, *, reps: int) -> dict[str, Any]:
     chosen = training[: cfg_dp.clients_per_round]
 
     def one_round(cfg, engine: str | None) -> float:
-        default = M.DEFAULT_PER_SAMPLE_ENGINE
-        if engine:
-            M.DEFAULT_PER_SAMPLE_ENGINE = engine
-        try:
-            opt = OuterOptimizer.for_config(theta, cfg)
-            start = time.perf_counter()
-            ups, ws = [], []
-            for s in chosen:
-                out = train_round(cfg, s, opt.params(), server_round=1,
-                                  ledger=PrivacyLedger(delta=cfg.target_delta) if cfg.dp else None)
-                ups.append({k: v.numpy().astype(np.float32) for k, v in out.update.gradient.items()})
-                ws.append(float(out.num_examples))
-            opt.step(weighted_mean(ups, ws))
-            return time.perf_counter() - start
-        finally:
-            M.DEFAULT_PER_SAMPLE_ENGINE = default
+        # the engine is a parameter of the round (train_round's per_sample_fn), never a global
+        per_sample_fn = (lambda m, p, x, y: M.per_sample_gradients(m, p, x, y, engine=engine)) if engine else None
+        opt = OuterOptimizer.for_config(theta, cfg)
+        start = time.perf_counter()
+        ups, ws = [], []
+        for s in chosen:
+            out = train_round(cfg, s, opt.params(), server_round=1, per_sample_fn=per_sample_fn,
+                              ledger=PrivacyLedger(delta=cfg.target_delta) if cfg.dp else None)
+            ups.append({k: v.numpy().astype(np.float32) for k, v in out.update.gradient.items()})
+            ws.append(float(out.num_examples))
+        opt.step(weighted_mean(ups, ws))
+        return time.perf_counter() - start
 
     variants = {"no-dp": (cfg_plain, None)}
     variants.update({f"dp-{e}": (cfg_dp, e) for e in M.PER_SAMPLE_ENGINES})

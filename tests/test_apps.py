@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -13,6 +14,7 @@ from client.app import app as client_app
 from common import protocol as P
 from common.config import load_config
 from common.data import dataset_info
+from common.hospital import adaptation_split, load_site
 from common.model import build_model, get_params
 from common.journal import LedgerJournal
 from server.strategy import MetaGradientStrategy, to_array_record
@@ -51,7 +53,7 @@ def make_strategy(cfg, theta, roster: dict[int, int], *, held_out: set[int]) -> 
 
 
 ALLOWED_RECORDS = {P.GRADIENT, P.METRICS, P.STATUS}
-ALLOWED_METRICS = set(P.TRAIN_METRICS) | set(P.EVAL_METRICS) | {P.DECLINED, P.HOSPITAL_ID}
+ALLOWED_METRICS = set(P.TRAIN_METRICS) | set(P.EVAL_METRICS) | {P.DECLINED, P.HOSPITAL_ID, P.HELD_OUT}
 
 
 def audit_outgoing(reply: Message, theta: dict) -> None:
@@ -163,8 +165,14 @@ def test_evaluate_adapts_and_reports_before_and_after(run_config) -> None:
     reply, _ = send({**run_config, "dp": False}, 9, to_array_record(theta), MessageType.EVALUATE)
     audit_outgoing(reply, theta)
     m = reply.content[P.METRICS]
-    for k in (P.ACCURACY, P.ACCURACY_BEFORE):
-        assert 0.0 <= m[k] <= 1.0
+    # the accuracy before adaptation is theta's on the hospital's query split, recomputed independently
+    site = load_site(cfg, 9)
+    _, q_idx = adaptation_split(cfg, site)
+    model = build_model(in_channels=site.info.n_channels, num_classes=site.info.n_classes, seed=cfg.seed)
+    with torch.no_grad():
+        pred = torch.func.functional_call(model, theta, (site.x[q_idx],)).argmax(1)
+    assert m[P.ACCURACY_BEFORE] == pytest.approx(float((pred == site.y[q_idx]).float().mean()), abs=1e-6)
+    assert m[P.NUM_EXAMPLES] == len(q_idx) and m[P.NUM_SUPPORT] + len(q_idx) == site.num_records
     assert m[P.NUM_SUPPORT] <= cfg.shots * 2 and m[P.NUM_EXAMPLES] > 0
     strategy = make_strategy(cfg, theta, {100: 0, 109: 9}, held_out={9})
     agg = strategy.aggregate_evaluate(1, [reply])

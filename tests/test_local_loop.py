@@ -8,6 +8,7 @@ seeded noise and sampling generator into both paths; the product's own generator
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ from common.model import get_params
 from conftest import REPO, base_run_config
 from fake_grid import InProcessGrid
 from server.app import run_federation
-from simulations.local_loop import evaluate_held_out, meta_train, sites_for
+from simulations.local_loop import evaluate_held_out, meta_train, score_held_out, sites_for
 
 
 @pytest.fixture(autouse=True)
@@ -126,3 +127,17 @@ def test_adaptation_is_chosen_on_validation_hospitals_and_reported_on_test_hospi
     evaluated = {node - 100 for kind, node, _ in grid.sent if kind == "evaluate"}
     assert evaluated == held
     assert summary["final"]["hospitals"] == 2  # only the test hospitals are reported
+
+
+def test_training_improves_the_held_out_hospitals(run_config) -> None:
+    """End to end in one process: non-DP rounds must lower the held-out hospitals' loss of theta and
+    raise their AUC (before any adaptation); a learning bug that leaves theta where it started fails.
+    (Measured when written: mean loss 0.681 -> 0.646, mean AUC 0.551 -> 0.668 on BreastMNIST.)"""
+    cfg = load_config({**run_config, "dp": False, "num-server-rounds": 8, "local-meta-steps": 8, "inner-steps": 1,
+                       "local-lr": 0.1})
+    training, held = sites_for(cfg)
+    no_adapt = dataclasses.replace(cfg, adapt_steps=0)
+    before = score_held_out(no_adapt, held, get_params(H.new_model(cfg, training[0].info)))
+    after = score_held_out(no_adapt, held, meta_train(cfg, training).theta)
+    assert np.mean([s.loss_before for s in after]) < np.mean([s.loss_before for s in before]) - 0.01
+    assert np.mean([s.auc_before for s in after]) > np.mean([s.auc_before for s in before]) + 0.05

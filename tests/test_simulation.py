@@ -16,7 +16,7 @@ from common.model import build_model, get_params
 
 REPO = Path(__file__).resolve().parents[1]
 ALLOWED_METRICS = {"num-examples", "loss", "epsilon", "delta", "rounds-participated", "declined", "hospital-id",
-                   "num-support", "accuracy", "auc", "accuracy-before", "auc-before", "loss-before"}
+                   "num-support", "accuracy", "auc", "accuracy-before", "auc-before", "loss-before", "held-out"}
 
 
 def launch(run_config: str, cwd: Path, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
