@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-ALGORITHMS = ("maml", "fomaml", "reptile", "fedavg")
+from common.algorithms import ALGORITHMS, Algorithm
 META_OPTIMIZERS = ("adam", "sgd")
 ADAPT_METHODS = ("sgd", "clipped-sgd", "adam")
 
@@ -69,7 +69,7 @@ class Config:
     @property
     def first_order(self) -> bool:
         """True for every algorithm except second-order MAML."""
-        return self.algorithm != "maml"
+        return not Algorithm.parse(self.algorithm).second_order
 
     @property
     def checkpoint_folder(self) -> str:
@@ -84,9 +84,7 @@ class Config:
     def gradients_per_episode(self) -> int:
         """Gradients computed from records in one local episode: the inner steps, plus the query
         gradient for (FO)MAML; FedAvg's episode is one plain local step."""
-        if self.algorithm == "fedavg":
-            return 1
-        return self.inner_steps + (1 if self.algorithm in ("maml", "fomaml") else 0)
+        return Algorithm.parse(self.algorithm).gradients_per_episode(self.inner_steps)
 
     @property
     def gradient_steps_per_round(self) -> int:
@@ -248,7 +246,7 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
             f"run-config key 'min-replies' = {cfg.min_replies}: must be <= 'clients-per-round' = "
             f"{cfg.clients_per_round}"
         )
-    if cfg.dp and cfg.algorithm == "maml":
+    if cfg.dp and Algorithm.parse(cfg.algorithm).second_order:
         raise ConfigError(
             "run-config key 'algorithm' = 'maml' with 'dp' = true is refused: second-order MAML "
             "differentiates through the inner-loop updates, so per-sample clipping of the inner "

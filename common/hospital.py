@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from common import data as D
+from common.algorithms import Algorithm
 from common.config import Config
 from common.maml import (
     Episode, MetaUpdate, Params, PerSampleFn, Scores, batches_from, evaluate, local_meta_update, plain_gradient_fn,
@@ -146,16 +147,17 @@ def draw_episodes(cfg: Config, num_records: int, rng: np.random.Generator, *,
     `sample_rate_` when given (the rate set by the hospital's public record count).
     """
     n = num_records
+    has_query = Algorithm.parse(cfg.algorithm).has_query
     eps = []
     for _ in range(cfg.local_meta_steps):
         if cfg.dp:
             q = sample_rate_ if sample_rate_ is not None else sample_rate(batch_size=cfg.batch_size, num_records=n)
             sets = [D.poisson_sample(n, q, rng) for _ in range(cfg.gradients_per_episode)]
-            if cfg.algorithm in ("maml", "fomaml"):
+            if has_query:
                 eps.append((sets[:-1], sets[-1]))
             else:
                 eps.append((sets, None))
-        elif cfg.algorithm in ("maml", "fomaml"):
+        elif has_query:
             perm = rng.permutation(n)
             b = min(cfg.batch_size, max(1, n // 2))
             eps.append(([np.sort(perm[:b])] * cfg.inner_steps, np.sort(perm[b:2 * b])))

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from common.algorithms import Algorithm
+
 Params = dict[str, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -235,12 +237,11 @@ def meta_update(
       for maml, at the adapted weights for fomaml). `query` is required.
     - reptile/fedavg: ``theta - phi``; the reported loss is that of the last inner step.
     """
-    if algorithm not in ("maml", "fomaml", "reptile", "fedavg"):
-        raise ValueError(f"unknown algorithm {algorithm!r}; use maml, fomaml, reptile or fedavg")
-    if algorithm in ("maml", "fomaml") and query is None:
-        raise ValueError(f"algorithm {algorithm!r} needs a query batch")
+    algo = Algorithm.parse(algorithm)
+    if algo.has_query and query is None:
+        raise ValueError(f"algorithm {algo} needs a query batch")
 
-    if algorithm == "maml":
+    if algo.second_order:
         leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
         phi, _ = adapt(leaves, support, inner_lr=inner_lr, gradient_fn=gradient_fn, first_order=False)
         x, y = query  # type: ignore[misc]
@@ -253,7 +254,7 @@ def meta_update(
         {k: v.detach() for k, v in theta.items()}, support,
         inner_lr=inner_lr, gradient_fn=gradient_fn, first_order=True,
     )
-    if algorithm == "fomaml":
+    if algo.has_query:
         release = gradient_fn(phi, query, False)  # type: ignore[arg-type]
         return MetaUpdate({k: v.detach() for k, v in release.grads.items()}, float(release.loss))
     delta = {k: (theta[k] - phi[k]).detach() for k in theta}
@@ -296,12 +297,11 @@ def local_meta_update(
     losses (query losses for (FO)MAML, the last inner loss for Reptile, the batch loss for FedAvg).
     Every gradient of patient records goes through `gradient_fn` (clipped and noised under DP).
     """
-    if algorithm not in ("maml", "fomaml", "reptile", "fedavg"):
-        raise ValueError(f"unknown algorithm {algorithm!r}; use maml, fomaml, reptile or fedavg")
+    algo = Algorithm.parse(algorithm)
     local = {k: v.detach().clone() for k, v in theta.items()}
     losses: list[float] = []
     for ep in episodes:
-        if algorithm == "fedavg":
+        if algo.plain_local_sgd:
             if len(ep.support) != 1:
                 raise ValueError("a FedAvg episode is one local step: exactly one batch")
             release = gradient_fn(local, ep.support[0], False)

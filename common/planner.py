@@ -22,6 +22,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from common.algorithms import Algorithm
 from common.config import Config
 from common.privacy import PrivacySpec, effective_noise_multiplier, epsilon_for, sample_rate
 
@@ -95,7 +96,7 @@ def plan_run(cfg: Config, hospital_sizes: Sequence[int], *, num_parameters: int)
         nsr_step = sigma * math.sqrt(d) / batch
         # theta - theta_local after t noisy steps at the local lr: noise adds in sqrt(t), the clipped
         # signal in at most t (the server's max-update-norm must leave room for it)
-        lr = cfg.local_lr if cfg.algorithm in ("fomaml", "maml", "fedavg") else cfg.local_lr * cfg.inner_lr
+        lr = cfg.local_lr if Algorithm.parse(cfg.algorithm) is not Algorithm.REPTILE else cfg.local_lr * cfg.inner_lr
         update = lr * (math.sqrt(t) * per_coord * math.sqrt(d) + t * cfg.max_grad_norm)
         plans.append(HospitalPlan(int(n), q, batch, sigma, sig_eff, t, cfg.planned_rounds_per_hospital, steps, eps,
                                   cfg.target_delta, per_coord, nsr_step, nsr_step / math.sqrt(t), update))
