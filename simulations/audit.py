@@ -1,0 +1,273 @@
+"""Empirical privacy audit in one training run (Steinke, Nasr & Jagielski 2023), on the real mechanism.
+
+    python -m simulations.audit [--run-config "key=value ..."] [--quick] [--out DIR]
+        [--canaries M] [--guess-fraction F] [--canary-hospital ID] [--canary-norm X] [--audit-seed S]
+        [--confidence C]
+
+Threat model: the server, which sees every update a hospital releases (θ − θ_local of every round
+it joins). One training hospital (the *canary hospital*, default: the smallest, whose records are
+sampled most often) holds m gradient-space canaries, each included independently with probability
+1/2 (`common.audit`). Training is the run's own: hospitals sampled per round as the strategy samples
+them, `common.hospital.train_round` with the product's clipping, unseeded noise and accounting,
+updates validated and aggregated with `common.aggregate` as `simulations.local_loop.meta_train`
+does; only rounds after the canary hospital's last round are skipped (they release nothing of it).
+A canary's score is the sum, over the canary hospital's released updates, of the update at its
+coordinate; the auditor guesses "in" for the top r/2 scores and "out" for the bottom r/2
+(r = guess-fraction · m, fixed before training) and turns the number of correct guesses into a
+lower bound on ε at the run's δ with the stated confidence.
+
+Writes DIR/audit.json, DIR/canaries.csv (per canary: coordinate, membership, score, guess) and
+DIR/scores.png (default DIR: ./audit-out), and prints the bound next to the claimed ε.
+`--quick` is a CI-sized run (pneumoniamnist, 3 rounds, 200 canaries); `--run-config` overrides it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from simulations.run import ConfigProblem, parse_overrides, resolve_run_config, validate_run_config
+
+if TYPE_CHECKING:
+    from common.config import Config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "medmnist"
+QUICK = {"dataset": "pneumoniamnist", "num-server-rounds": 3}
+QUICK_CANARIES = 200
+FULL_CANARIES = 500
+THREAT_MODEL = (
+    "The server sees every update the canary hospital releases (theta - theta_local of every round it joins). "
+    "m gradient-space canaries at that hospital, each included independently with probability 1/2; a canary's "
+    "per-record gradient is a Dirac vector of norm canary_norm (>= max-grad-norm, so clipped to C under DP) on its "
+    "own coordinate. Score: sum of the released updates at the canary's coordinate; guesses: 'in' for the top "
+    "r/2, 'out' for the bottom r/2, r fixed before training. Bound: Steinke, Nasr & Jagielski 2023, Thm 5.2."
+)
+
+
+def participation(cfg: Config, num_training: int) -> list[list[int]]:
+    """The training hospitals (indices) the strategy samples in each round, from the run's seed."""
+    rng = random.Random(cfg.seed)
+    k = min(cfg.clients_per_round, num_training)
+    return [sorted(rng.sample(range(num_training), k)) for _ in range(cfg.num_server_rounds)]
+
+
+def run_audit(cfg: Config, *, num_canaries: int, guess_fraction: float, canary_hospital: int | None,
+              audit_seed: int, confidence: float, canary_norm: float | None = None) -> dict[str, Any]:
+    """Train with canaries at one hospital, score and guess them, and return the audit record."""
+    import numpy as np
+    import torch
+
+    from common.aggregate import InvalidUpdate, OuterOptimizer, validate_update, weighted_mean
+    from common.audit import (
+        AuditError, canary_per_sample_fn, count_correct, draw_canaries, epsilon_lower_bound, flatten, guess,
+        with_canaries,
+    )
+    from common.hospital import new_model, noise_multiplier_for, train_round
+    from common.model import get_params
+    from common.privacy import PrivacyLedger, sample_rate
+    from simulations.local_loop import sites_for
+
+    if not cfg.first_order:
+        raise AuditError("algorithm 'maml' differentiates through the inner loop, so a record's gradient is not a "
+                         "fixed vector and gradient-space canaries cannot be planted; audit fomaml, reptile or fedavg")
+    if not 0 < confidence < 1:
+        raise AuditError(f"confidence must be in (0, 1), got {confidence}")
+    t0 = time.perf_counter()
+    training, _ = sites_for(cfg)
+    ids = [s.hospital_id for s in training]
+    if canary_hospital is None:
+        canary_hospital = min(training, key=lambda s: (s.num_records, s.hospital_id)).hospital_id
+    if canary_hospital not in ids:
+        raise AuditError(f"canary hospital {canary_hospital} is not a training hospital; training hospitals: {ids}")
+    num_guesses = round(guess_fraction * num_canaries)
+    if not 2 <= num_guesses <= num_canaries:
+        raise AuditError(f"guess-fraction {guess_fraction} of {num_canaries} canaries gives {num_guesses} guesses; "
+                         "need between 2 and the number of canaries")
+    theta = get_params(new_model(cfg, training[0].info))
+    norm = cfg.max_grad_norm if canary_norm is None else canary_norm
+    if norm < cfg.max_grad_norm:
+        raise AuditError(f"canary norm {norm} is below max-grad-norm {cfg.max_grad_norm}: clipping would not "
+                         "make the canary a worst-case record")
+    canaries = draw_canaries(num_canaries, sum(v.numel() for v in theta.values()), norm=norm, seed=audit_seed)
+    pos = ids.index(canary_hospital)
+    real_records = training[pos].num_records
+    training[pos] = with_canaries(training[pos], canaries)
+    per_sample_fn = canary_per_sample_fn(canaries)
+    coords = torch.as_tensor(canaries.coordinates)
+
+    schedule = participation(cfg, len(training))
+    joined = [rnd for rnd, chosen in enumerate(schedule, 1) if pos in chosen]
+    if not joined:
+        raise AuditError(f"hospital {canary_hospital} is never sampled in {cfg.num_server_rounds} rounds; "
+                         "raise num-server-rounds or clients-per-round")
+    opt = OuterOptimizer.for_config(theta, cfg)
+    ledgers = {s.hospital_id: PrivacyLedger(delta=cfg.target_delta) for s in training}
+    shapes = {k: tuple(v.shape) for k, v in theta.items()}
+    scores = torch.zeros(num_canaries, dtype=torch.float64)
+    released = declined = 0
+    for rnd in range(1, joined[-1] + 1):
+        updates, weights = [], []
+        for i in schedule[rnd - 1]:
+            site = training[i]
+            out = train_round(cfg, site, opt.params(), ledger=ledgers[site.hospital_id] if cfg.dp else None,
+                              server_round=rnd, per_sample_fn=per_sample_fn if i == pos else None)
+            if out.update is None:
+                declined += 1
+                continue
+            if i == pos:  # the server sees it whether or not it then passes validation
+                scores += flatten(out.update.gradient).double()[coords]
+                released += 1
+            arrays = {k: v.numpy().astype(np.float32) for k, v in out.update.gradient.items()}
+            try:
+                validate_update(arrays, shapes, max_norm=cfg.max_update_norm)
+            except InvalidUpdate:
+                continue
+            updates.append(arrays)
+            weights.append(float(out.num_examples))
+        if len(updates) >= cfg.min_replies:
+            opt.step(weighted_mean(updates, weights))
+        print(f"[audit] round {rnd}/{joined[-1]}: {len(updates)} update(s) aggregated", flush=True)
+
+    guesses = guess(scores.numpy(), num_guesses)
+    correct = count_correct(guesses, canaries.included)
+    bound = epsilon_lower_bound(num_canaries=num_canaries, num_guesses=num_guesses, num_correct=correct,
+                                delta=cfg.target_delta, confidence=confidence)
+    n_total = training[pos].num_records
+    inc = canaries.included
+    s = scores.numpy()
+    facts: dict[str, Any] = {}
+    if cfg.dp:
+        facts = {"noise_multiplier": noise_multiplier_for(cfg, n_total),
+                 "sample_rate": sample_rate(batch_size=cfg.batch_size, num_records=n_total),
+                 "dp_steps": cfg.gradient_steps_per_round * released}
+    return {
+        "dp": cfg.dp,
+        "claimed_epsilon": ledgers[canary_hospital].epsilon() if cfg.dp else None,
+        "target_epsilon": cfg.target_epsilon if cfg.dp else None,
+        "delta": cfg.target_delta,
+        "empirical_epsilon_lower_bound": bound,
+        "confidence": confidence,
+        "canaries": num_canaries,
+        "canaries_included": int(inc.sum()),
+        "guesses": num_guesses,
+        "correct_guesses": correct,
+        "guesses_in": int((guesses == 1).sum()),
+        "correct_in": int(((guesses == 1) & inc).sum()),
+        "guesses_out": int((guesses == -1).sum()),
+        "correct_out": int(((guesses == -1) & ~inc).sum()),
+        "mean_score_included": float(s[inc].mean()) if inc.any() else None,
+        "mean_score_excluded": float(s[~inc].mean()) if (~inc).any() else None,
+        "std_score_excluded": float(s[~inc].std()) if (~inc).any() else None,
+        "canary_norm": norm,
+        "canary_hospital": canary_hospital,
+        "canary_hospital_records": real_records,
+        "records_with_canaries": n_total,
+        "rounds_run": joined[-1],
+        "rounds_released": released,
+        "rounds_declined_all_hospitals": declined,
+        "num_server_rounds": cfg.num_server_rounds,
+        **facts,
+        "algorithm": cfg.algorithm,
+        "dataset": cfg.dataset,
+        "audit_seed": audit_seed,
+        "threat_model": THREAT_MODEL,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "per_canary": {"coordinate": canaries.coordinates.tolist(), "included": inc.tolist(),
+                       "score": s.tolist(), "guess": guesses.tolist()},
+    }
+
+
+def plot_scores(record: dict[str, Any], path: Path) -> None:
+    """Histogram of the canary scores, included against excluded, with the guessed tails shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    pc = record["per_canary"]
+    s, inc, g = np.asarray(pc["score"]), np.asarray(pc["included"], dtype=bool), np.asarray(pc["guess"])
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    bins = np.linspace(s.min(), s.max(), 41)
+    ax.hist(s[~inc], bins=bins, alpha=0.6, label=f"excluded ({(~inc).sum()})")
+    ax.hist(s[inc], bins=bins, alpha=0.6, label=f"included ({inc.sum()})")
+    if (g == 1).any():
+        ax.axvspan(s[g == 1].min(), s.max(), color="tab:green", alpha=0.1, label="guessed in")
+    if (g == -1).any():
+        ax.axvspan(s.min(), s[g == -1].max(), color="tab:red", alpha=0.1, label="guessed out")
+    claimed = "no DP" if record["claimed_epsilon"] is None else f"claimed ε = {record['claimed_epsilon']:.2f}"
+    ax.set_title(f"{record['dataset']} {record['algorithm']}, {claimed}: {record['correct_guesses']}/"
+                 f"{record['guesses']} correct, ε ≥ {record['empirical_epsilon_lower_bound']:.2f}", fontsize=9)
+    ax.set_xlabel("canary score (sum of released updates at its coordinate)")
+    ax.set_ylabel("canaries")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m simulations.audit", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run-config", action="append", default=None, help='"key=value ..." as for flwr run')
+    ap.add_argument("--quick", action="store_true", help="CI-sized run (overridden by --run-config)")
+    ap.add_argument("--out", type=Path, default=Path("audit-out"), help="output folder (default ./audit-out)")
+    ap.add_argument("--canaries", type=int, default=None,
+                    help=f"m (default {FULL_CANARIES}; {QUICK_CANARIES} with --quick)")
+    ap.add_argument("--guess-fraction", type=float, default=0.2, help="r = fraction x m guesses (default 0.2)")
+    ap.add_argument("--canary-hospital", type=int, default=None, help="default: the smallest training hospital")
+    ap.add_argument("--canary-norm", type=float, default=None, help="canary gradient norm (default max-grad-norm)")
+    ap.add_argument("--audit-seed", type=int, default=0, help="canary coordinates and membership")
+    ap.add_argument("--confidence", type=float, default=0.95)
+    args = ap.parse_args(argv)
+    try:
+        given = parse_overrides(args.run_config)
+        fused, _ = resolve_run_config(REPO_ROOT, args.run_config)
+        if args.quick:
+            fused.update({k: v for k, v in QUICK.items() if k not in given})
+        if "data-dir" not in given:
+            fused["data-dir"] = str(DEFAULT_DATA_DIR)
+        cfg = validate_run_config(fused)
+    except ConfigProblem as err:
+        print(f"audit: {err}", file=sys.stderr)
+        return 2
+    import torch
+
+    from common.audit import AuditError
+    from common.data import DataError
+    from common.privacy import PrivacyError
+
+    torch.set_num_threads(1)
+    m = args.canaries if args.canaries is not None else (QUICK_CANARIES if args.quick else FULL_CANARIES)
+    try:
+        record = run_audit(cfg, num_canaries=m, guess_fraction=args.guess_fraction,
+                           canary_hospital=args.canary_hospital, audit_seed=args.audit_seed,
+                           confidence=args.confidence, canary_norm=args.canary_norm)
+    except (AuditError, DataError, PrivacyError) as err:
+        print(f"audit: {err}", file=sys.stderr)
+        return 2
+    record["command"] = "python -m simulations.audit " + shlex.join(sys.argv[1:] if argv is None else argv)
+    record["run_config"] = cfg.to_run_config()
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot_scores(record, args.out / "scores.png")
+    pc = record.pop("per_canary")
+    (args.out / "audit.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    with open(args.out / "canaries.csv", "w", encoding="utf-8") as fh:
+        fh.write("coordinate,included,score,guess\n")
+        fh.writelines(f"{c},{int(i)},{sc!r},{g}\n" for c, i, sc, g in zip(*pc.values()))
+    claimed = "none (dp=false)" if record["claimed_epsilon"] is None else f"{record['claimed_epsilon']:.3f}"
+    print(f"[audit] {cfg.dataset} {cfg.algorithm} dp={cfg.dp}: {record['correct_guesses']}/{record['guesses']} "
+          f"guesses correct ({m} canaries) -> empirical epsilon >= {record['empirical_epsilon_lower_bound']:.3f} "
+          f"at {record['confidence']:.0%} confidence (delta={cfg.target_delta:g}); claimed epsilon {claimed}")
+    print(f"[audit] wrote audit.json, canaries.csv and scores.png to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
