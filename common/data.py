@@ -17,7 +17,6 @@ import json
 import logging
 import numbers
 import os
-import tempfile
 import threading
 import urllib.request
 import zipfile
@@ -28,6 +27,8 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+
+from common.files import atomic_write
 
 __all__ = [
     "SUPPORTED_SIZES",
@@ -219,35 +220,27 @@ def download_npz(
     except OSError as exc:
         raise DataError(f"Cannot create data directory {target.parent}: {exc}. {manual}") from exc
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    tmp = Path(tmp_name)
     digest = hashlib.md5(usedforsecurity=False)  # integrity check only
     logger.info("Downloading %s to %s", url, target)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                request = urllib.request.Request(url, headers={"User-Agent": "fedmeta-med"})
-                with urllib.request.urlopen(request, timeout=timeout) as response:
-                    while True:
-                        chunk = response.read(_DOWNLOAD_CHUNK)
-                        if not chunk:
-                            break
-                        digest.update(chunk)
-                        out.write(chunk)
-            except (OSError, http.client.HTTPException, ValueError) as exc:
-                # URLError/HTTPError/timeouts are OSError subclasses.
-                raise DataError(f"Could not download {target.name} from {url}: {exc}. {manual}") from exc
+    with atomic_write(target, file_mode=0o644) as out:  # a failed or corrupt download leaves nothing behind
+        try:
+            request = urllib.request.Request(url, headers={"User-Agent": "fedmeta-med"})
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                while True:
+                    chunk = response.read(_DOWNLOAD_CHUNK)
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    out.write(chunk)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            # URLError/HTTPError/timeouts are OSError subclasses.
+            raise DataError(f"Could not download {target.name} from {url}: {exc}. {manual}") from exc
         got = digest.hexdigest()
         if got != md5:
             raise DataError(
                 f"Downloaded {target.name} from {url} has MD5 {got}, expected {md5} (corrupt or "
                 f"changed upstream); nothing was written. {manual}"
             )
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return target
 
 

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from common.files import fsync_dir
 from common.privacy import ACCOUNTANT, PrivacyError, PrivacyLedger
 
 FILE_NAME = "privacy_ledger.jsonl"
@@ -37,14 +38,6 @@ class LedgerMissing(PrivacyError):
 
 class LedgerCorrupt(PrivacyError):
     """The ledger file cannot be read as a journal; refusing rather than restarting from zero."""
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class JournaledLedger(PrivacyLedger):
@@ -89,7 +82,7 @@ class LedgerJournal:
             fh.write(json.dumps(head) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
 
     def header(self) -> dict[str, Any]:
         return self._parse(self.path.read_text())[0]

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import protocol as P
 from common.config import Config, load_config
 from common.data import dataset_info, held_out_hospitals
+from common.files import atomic_write
 from common.hospital import validation_hospitals
 from common.model import build_model, get_params
 from server.checkpoint import (
@@ -310,10 +311,7 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
 
 
 def save_model(path: Path, arrays: ArrayRecord) -> None:
-    import os
-
     import torch
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(arrays.to_torch_state_dict(), tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as fh:
+        torch.save(arrays.to_torch_state_dict(), fh)

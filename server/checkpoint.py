@@ -11,7 +11,6 @@ No Flower here.
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from common.files import atomic_write
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = "fedmeta-med server checkpoint v1"
@@ -57,32 +58,11 @@ def checkpoint_path(folder: str | Path) -> Path:
     return Path(folder).expanduser() / CHECKPOINT_FILE
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - not every platform can open a folder
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(folder: str | Path, checkpoint: ServerCheckpoint) -> Path:
     """Write the checkpoint atomically (tmp + fsync + os.replace + fsync of the folder)."""
     path = checkpoint_path(folder)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(checkpoint.to_payload(), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_write(path) as fh:
+        torch.save(checkpoint.to_payload(), fh)
     return path
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from common.files import atomic_write
 
 
 def _clean(value: Any) -> Any:
@@ -21,13 +22,8 @@ def _clean(value: Any) -> Any:
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
+    with atomic_write(path, "w") as fh:
         json.dump(_clean(payload), fh, indent=2, allow_nan=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def plot_curves(summary: dict[str, Any], path: Path) -> None:
@@ -58,8 +54,6 @@ def plot_curves(summary: dict[str, Any], path: Path) -> None:
         else ("DP" if cfg["dp"] else "no DP"))
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_write(path) as fh:
+        fig.savefig(fh, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
