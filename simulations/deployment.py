@@ -233,12 +233,7 @@ class LocalDeployment:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        if comp.proc is not None:
-            try:
-                comp.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                comp.proc.kill()
-                comp.proc.wait()
+        flower_env.stop_popen(comp.proc, wait=15, terminate=False)  # it was sent `sig` above
         flower_env.terminate_pids(flower_env.pids_with_env("FLWR_HOME", str(comp.home.path)), grace=5)
         return pids
 
@@ -266,11 +261,7 @@ class LocalDeployment:
         for comp in comps:
             flower_env.stop_processes_of_home(comp.home, grace=5)
         for proc in [*self._runs, *(c.proc for c in comps if c.proc is not None)]:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            flower_env.stop_popen(proc, wait=10, terminate=False)
 
     def __enter__(self) -> LocalDeployment:
         return self

@@ -20,6 +20,7 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 import socket
 import sys
 import tempfile
@@ -196,6 +197,25 @@ def _alive(pid: int) -> bool:
 def _signal(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, sig)
+
+
+def stop_popen(proc: subprocess.Popen | None, *, wait: float = 0.0, grace: float = 5.0, terminate: bool = True) -> None:
+    """The one way a child we started is stopped: let it exit on its own for `wait` seconds, then
+    SIGTERM (unless `terminate` is false, for a child already sent a signal), `grace` seconds, SIGKILL;
+    always reaped."""
+    if proc is None or proc.poll() is not None:
+        return
+    for step, timeout in (("wait", wait), ("terminate", grace)):
+        if step == "terminate" and terminate:
+            proc.terminate()
+        if timeout > 0:
+            try:
+                proc.wait(timeout=timeout)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+    proc.kill()
+    proc.wait()
 
 
 def terminate_pids(pids: Iterable[int], grace: float = 5.0, poll: float = 0.1) -> list[int]:

@@ -394,15 +394,7 @@ def _stop_run(
             )
         except (OSError, subprocess.TimeoutExpired) as err:
             _say(f"flwr stop failed: {err}", err=True)
-    if proc is not None and proc.poll() is None:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    flower_env.stop_popen(proc, wait=10, grace=5)
 
 
 def launch(args: argparse.Namespace, started_at: float) -> tuple[int, str | None, Path | None]:
@@ -506,13 +498,7 @@ def launch(args: argparse.Namespace, started_at: float) -> tuple[int, str | None
         return intr.exit_code, intr.reason, summary_path
     finally:
         _ignore_signals()
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        flower_env.stop_popen(proc, grace=5)
         if home is not None:
             t_clean = time.monotonic()
             # As a subreaper every process of the launch stays our descendant; the flwr CLI and
