@@ -40,7 +40,8 @@ from torch import nn
 from common.maml import Batch, GradientFn, GradientRelease, Params, PerSampleFn, per_sample_gradients
 
 
-def _opacus_rdp_analysis() -> ModuleType:
+@functools.cache  # loaded on first use: a message that computes no epsilon never pays SciPy's import
+def rdp_analysis() -> ModuleType:
     """Opacus' RDP analysis (`opacus/accountants/analysis/rdp.py`: `compute_rdp`, `get_privacy_spent`).
 
     The module itself needs only NumPy and SciPy, but `import opacus.accountants...` first runs
@@ -61,8 +62,6 @@ def _opacus_rdp_analysis() -> ModuleType:
     mod_spec.loader.exec_module(module)
     return module
 
-
-rdp_analysis = _opacus_rdp_analysis()
 
 ACCOUNTANT = "rdp"
 # Opacus' default RDP orders (`RDPAccountant.DEFAULT_ALPHAS`: 1.1 ... 10.9, 12 ... 63), extended to 256:
@@ -173,7 +172,7 @@ def epsilon_for(*, noise_multiplier: float, sample_rate: float, steps: int, delt
 @functools.lru_cache(maxsize=1024)
 def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """Opacus' RDP curve of one subsampled Gaussian step over `RDP_ORDERS` (pure, so cached)."""
-    return np.asarray(rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+    return np.asarray(rdp_analysis().compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
                                                orders=list(RDP_ORDERS)), dtype=np.float64)
 
 
@@ -186,7 +185,7 @@ def epsilon_of_history(history: list[tuple[float, float, int]], delta: float) ->
     if not history:
         return 0.0
     rdp = sum(steps * _rdp_of_one_step(float(s), float(q)) for s, q, steps in history)
-    eps, _ = rdp_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
+    eps, _ = rdp_analysis().get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
     return float(eps)
 
 
