@@ -7,7 +7,6 @@ every process it started, also when the test fails.
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
