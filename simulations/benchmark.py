@@ -1,14 +1,17 @@
 """Benchmarks: DP overhead, federation overhead against the compute floor, and scale (not unit tests).
 
-    python -m simulations.benchmark [--quick] [--skip-flower] [--out DIR]
+    python -m simulations.benchmark [--quick] [--skip-flower] [--only PART,...] [--out DIR]
 
 Prints the ratios and writes ``benchmark.json`` (keys ``dp_overhead``, ``federation_overhead_10``,
 ``federation_overhead_100``, ``peak_memory_gib_1000``, ``secure_noise_seconds``, ``mt_noise_seconds``,
-``secure_noise_over_mt``, ``torch_import_s``, ``clientapp_import_s``, ``machine`` and the details of
-each measurement) into ``--out``, by default ``./benchmark-out`` under the current directory. The
-committed results (``docs/results/benchmark``) are written only when ``--out`` names that folder,
-and never by ``--quick`` or ``--skip-flower`` runs (fewer repetitions, or figures missing) unless
-``--force`` is given. A quick run writes the same keys as a full run, from fewer repetitions.
+``secure_noise_over_mt``, ``torch_import_s``, ``clientapp_import_s``, ``deployed_round_over_simulated``,
+``clientapp_start_s``, ``clientapp_start_over_torch_import``, ``peak_memory_gib_10000``,
+``round_seconds_10000_over_10``, ``machine`` and the details of each measurement) into ``--out``, by
+default ``./benchmark-out`` under the current directory. ``--only`` runs some parts (``PARTS``) and
+writes only their keys. The committed results (``docs/results/benchmark``) are written only when
+``--out`` names that folder, and never by ``--quick``, ``--skip-flower`` or ``--only`` runs (fewer
+repetitions, or figures missing) unless ``--force`` is given. A quick run writes the same keys as a
+full run, from fewer repetitions.
 
 How each figure is measured (everything in one run, on this machine, one torch thread per process):
 
@@ -39,6 +42,25 @@ How each figure is measured (everything in one run, on this machine, one torch t
   peak memory of the whole process tree (sum of PSS from ``/proc/<pid>/smaps_rollup`` over the
   launcher and all its descendants, sampled every 0.25 s; the launcher is a subreaper, so Ray
   workers stay in its tree).
+- **deployed_round_over_simulated**: tests/test_deployment.py's run (3 hospitals, 1 held out, DP at
+  ε = 8, 2 of 2 training hospitals per round, evaluation only in the last round) run once deployed
+  (`simulations.deployment.LocalDeployment`: SuperLink and 3 SuperNodes on 127.0.0.1, TLS, SuperNode
+  authentication, one fresh ClientApp process per message) and once on the simulation engine
+  (`simulations.run`, 2 CPUs: both sides can serve the round's two hospitals at once); steady-state
+  round time = median of ``rounds[i].seconds`` without the first and the last round, ratio of the
+  medians. The deployed round is split into: ``clientapp_start_s``, the wall time of a fresh
+  ``python`` that imports ``client.app``, loads a training hospital's deployed data folder and runs
+  one forward pass (interleaved over the training hospitals, after one warm-up; the Flower log has no
+  timestamps at the default level, so this is measured beside the run, not inside it); the compute
+  floor (`local_rounds` on the same config in this process: both hospitals one after the other, no
+  transport, before and after the Flower runs); and the remainder (transport, the SuperNode's process
+  spawn, the server's polling), deployed median − start − floor: it assumes the two ClientApps do not
+  overlap, which holds when one core is free (a second job on a 2-core machine).
+- **scale to 10,000**: the same Flower run as **scale** at 10 and at 10,000 registered hospitals, 10
+  per round (none held out, so that 10 of 10 can be sampled), on one synthetic PneumoniaMNIST-format
+  file of 64,000 records (the real one is too small for 10,000 hospitals of >= 4 records) used for
+  both runs, so that only N changes: peak PSS of the tree at 10,000 and the ratio of the steady-state
+  round medians. A run that fails or times out leaves the key ``null`` with the reason beside it.
 """
 
 from __future__ import annotations
@@ -63,7 +85,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMITTED_OUT = REPO_ROOT / "docs" / "results" / "benchmark"
 DEFAULT_OUT = "benchmark-out"  # relative to the current directory
 PREFIX = "[benchmark]"
-TARGETS = {"dp_overhead": 1.5, "federation_overhead_10": 1.3, "peak_memory_gib_1000": 4.0}
+TARGETS = {"dp_overhead": 1.5, "federation_overhead_10": 1.3, "peak_memory_gib_1000": 4.0,
+           "deployed_round_over_simulated": 1.5, "clientapp_start_over_torch_import": 1.2,
+           "peak_memory_gib_10000": 4.0, "round_seconds_10000_over_10": 1.2}
+PARTS = ("engines", "dp", "noise", "imports", "federation", "deployed", "scale10000")
+FLOWER_PARTS = ("federation", "deployed", "scale10000")
 
 # The federation/scale runs: PneumoniaMNIST can be split 1,000 ways (at least max(2, 2*shots+2) = 4
 # records per hospital) with near-uniform hospitals; the same settings for every N so that only N
@@ -73,6 +99,14 @@ SCALE_RUN_CONFIG = {
     "num-held-out": 2, "clients-per-round": 8, "min-replies": 2, "dp": False, "algorithm": "fomaml",
     "adapt-steps": 5,
 }
+# Only N changes between the 10- and the 10,000-hospital runs: 10 of 10 training hospitals per round.
+SCALE_10000_OVERRIDES = {"num-held-out": 0, "clients-per-round": 10}
+SYNTHETIC_RECORDS = (60_000, 2_000, 2_000)  # train, val, test
+
+# Deployed vs simulated: tests/test_deployment.py's run, with more rounds for a steady state.
+DEPLOY_RUN_CONFIG = {"num-hospitals": 3, "num-held-out": 1, "clients-per-round": 2, "min-replies": 2,
+                     "inner-steps": 1, "dp": True, "target-epsilon": 8.0, "round-timeout": 300.0,
+                     "wait-for-nodes": 120.0}
 
 
 def _base_rc(data_dir: str) -> dict[str, Any]:
@@ -367,13 +401,18 @@ def local_rounds(rc: Mapping[str, Any]) -> list[float]:
     return meta_train(cfg, training).seconds_per_round
 
 
+def _steady(round_seconds: Sequence[float]) -> float:
+    """Median round time without the first round (start-up) and the last (held-out evaluation)."""
+    return st.median(round_seconds[1:-1])
+
+
 def bench_federation(data_dir: str, *, sizes: Sequence[int], rounds: int, num_cpus: int, timeout: float,
-                     floor_sizes: Sequence[int]) -> dict[str, Any]:
+                     floor_sizes: Sequence[int], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="fedmeta-bench-") as tmp:
         for n in sizes:
-            rc = {**_base_rc(data_dir), **SCALE_RUN_CONFIG, "num-hospitals": n, "num-server-rounds": rounds,
-                  "eval-every": rounds}
+            rc = {**_base_rc(data_dir), **SCALE_RUN_CONFIG, **(overrides or {}), "num-hospitals": n,
+                  "num-server-rounds": rounds, "eval-every": rounds}
             entry: dict[str, Any] = {"num_cpus": num_cpus, "clients_per_round": rc["clients-per-round"],
                                      "loadavg_before": os.getloadavg()}
             floor: list[float] = []
@@ -382,9 +421,8 @@ def bench_federation(data_dir: str, *, sizes: Sequence[int], rounds: int, num_cp
                 floor += local_rounds({**rc, "results-dir": str(Path(tmp) / "local")})[1:-1]
             print(f"{PREFIX} Flower simulation, {n} hospitals, {rounds} rounds ...", flush=True)
             fl = flower_run(rc, num_cpus=num_cpus, timeout=timeout, workdir=Path(tmp))
-            steady = fl["round_seconds"][1:-1]  # skip round 1 (Ray start-up) and the last (evaluation)
             entry.update({
-                "flower_round_seconds": fl["round_seconds"], "flower_steady_median": st.median(steady),
+                "flower_round_seconds": fl["round_seconds"], "flower_steady_median": _steady(fl["round_seconds"]),
                 "peak_memory_gib": round(fl["peak_pss_gib"], 3), "flower_wall_seconds": round(fl["wall_seconds"], 1),
                 "command": fl["command"],
             })
@@ -398,6 +436,113 @@ def bench_federation(data_dir: str, *, sizes: Sequence[int], rounds: int, num_cp
             out[str(n)] = entry
             print(f"{PREFIX}   {n}: {json.dumps({k: v for k, v in entry.items() if 'median' in k or k in ('overhead', 'peak_memory_gib')})}",
                   flush=True)
+    return out
+
+
+CLIENTAPP_START = """import json, sys, torch, client.app
+from common.config import load_config
+from common.hospital import load_site_from_folder, new_model
+torch.set_num_threads(1)
+cfg = load_config(json.loads(sys.argv[1]))
+site = load_site_from_folder(cfg, sys.argv[2], hospital_id=int(sys.argv[3]))
+with torch.no_grad():
+    new_model(cfg, site.info)(site.x[:cfg.batch_size])
+"""
+
+
+def clientapp_start(run_config: Mapping[str, Any], folders: Mapping[int, Path], *, reps: int) -> list[float]:
+    """Wall seconds of a fresh `python` from start to its first forward pass on a deployed hospital's
+    folder (`CLIENTAPP_START`), `reps` times per hospital, interleaved, after one untimed warm-up."""
+    times: list[float] = []
+    for rep in range(reps + 1):
+        for h, folder in folders.items():
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-c", CLIENTAPP_START, json.dumps(run_config), str(folder), str(h)],
+                                  cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"ClientApp start-up for hospital {h} failed: {proc.stderr.strip()[-500:]}")
+            if rep >= 1:
+                times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_deployed(data_dir: str, *, rounds: int, timeout: float, start_reps: int) -> dict[str, Any]:
+    """The same DP run deployed (TLS, authentication, 127.0.0.1) and simulated; the deployed round's parts."""
+    from simulations.deployment import LocalDeployment, round_times
+
+    over = {"data-dir": data_dir, **DEPLOY_RUN_CONFIG, "num-server-rounds": rounds, "eval-every": rounds}
+    num_cpus = DEPLOY_RUN_CONFIG["clients-per-round"]
+    out: dict[str, Any] = {"run_config": over, "simulation_num_cpus": num_cpus, "loadavg_before": os.getloadavg()}
+    with tempfile.TemporaryDirectory(prefix="fedmeta-bench-deploy-") as tmp:
+        local = {**_base_rc(data_dir), **over, "results-dir": str(Path(tmp) / "local")}
+        print(f"{PREFIX} compute floor (local_loop), deployment config ...", flush=True)
+        floor = local_rounds(local)[1:-1]
+        print(f"{PREFIX} deployed run (SuperLink + {over['num-hospitals']} SuperNodes, TLS, auth), {rounds} rounds ...",
+              flush=True)
+        with LocalDeployment(Path(tmp) / "deployment", run_config=over) as dep:
+            t0 = time.perf_counter()
+            dep.start()
+            out["deployment_start_seconds"] = round(time.perf_counter() - t0, 1)
+            run_id, log = dep.submit()
+            status = dep.wait_finished(run_id, timeout=timeout)
+            if status != "finished:completed":
+                raise RuntimeError(f"deployed run ended as {status}:\n{log.read_text(errors='replace')[-3000:]}")
+            deployed = round_times(dep.summary())
+            folders = {h: dep.data_dir / f"hospital-{h}" for h in dep.training_hospitals()}
+            run_config = dep.cfg.to_run_config()
+        print(f"{PREFIX} ClientApp start-up (fresh python to first forward pass) ...", flush=True)
+        start = clientapp_start(run_config, folders, reps=start_reps)
+        print(f"{PREFIX} simulated run (simulation engine, {num_cpus} CPUs), {rounds} rounds ...", flush=True)
+        simulated = flower_run(over, num_cpus=num_cpus, timeout=timeout, workdir=Path(tmp))["round_seconds"]
+        print(f"{PREFIX} compute floor (local_loop) again ...", flush=True)
+        floor += local_rounds(local)[1:-1]
+    dep_s, sim_s, start_s, floor_s = _steady(deployed), _steady(simulated), st.median(start), st.median(floor)
+    out.update({
+        "deployed_round_seconds": deployed, "simulated_round_seconds": simulated, "floor_round_seconds": floor,
+        "clientapp_start_seconds": start, "loadavg_after": os.getloadavg(),
+        "deployed_steady_median": dep_s, "simulated_steady_median": sim_s,
+        "deployed_round_over_simulated": dep_s / sim_s, "clientapp_start_s": start_s,
+        "deployed_round_parts": {"clientapp_start_s": start_s, "compute_floor_s": floor_s,
+                                 "transport_other_s": dep_s - start_s - floor_s},
+    })
+    return out
+
+
+def write_synthetic_npz(path: Path, *, n: Sequence[int], n_classes: int = 2, size: int = 28, seed: int = 0) -> None:
+    """A grayscale file in the official MedMNIST layout (uint8 images, (N, 1) labels per split); the
+    class shows as a bright patch. Uncompressed: it is only read, and the loader accepts both."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in zip(("train", "val", "test"), n):
+        labels = rng.integers(0, n_classes, size=count)
+        images = rng.integers(0, 120, size=(count, size, size), dtype=np.uint8)
+        for c in range(n_classes):
+            r = (c * 5) % (size - 6)
+            images[labels == c, r:r + 6, r:r + 6] += 120
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels.reshape(-1, 1).astype(np.uint8)
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def bench_scale_10000(*, rounds: int, num_cpus: int, timeout: float) -> dict[str, Any]:
+    """Flower runs at 10 and 10,000 registered hospitals (10 per round) on one synthetic file."""
+    out: dict[str, Any] = {"records": sum(SYNTHETIC_RECORDS), "overrides": SCALE_10000_OVERRIDES}
+    with tempfile.TemporaryDirectory(prefix="fedmeta-bench-synthetic-") as data_dir:
+        write_synthetic_npz(Path(data_dir) / f"{SCALE_RUN_CONFIG['dataset']}.npz", n=SYNTHETIC_RECORDS)
+        for n in (10, 10_000):
+            try:
+                out.update(bench_federation(data_dir, sizes=[n], rounds=rounds, num_cpus=num_cpus, timeout=timeout,
+                                            floor_sizes=(), overrides=SCALE_10000_OVERRIDES))
+            except RuntimeError as err:
+                out[str(n)] = {"error": str(err)}
+    ok = [n for n in ("10", "10000") if "error" not in out[n]]
+    out["peak_memory_gib_10000"] = out["10000"]["peak_memory_gib"] if "10000" in ok else None
+    out["round_seconds_10000_over_10"] = (out["10000"]["flower_steady_median"] / out["10"]["flower_steady_median"]
+                                          if len(ok) == 2 else None)
+    if len(ok) < 2:
+        out["reason"] = "; ".join(f"{n} hospitals: {out[n]['error']}" for n in ("10", "10000") if n not in ok)
     return out
 
 
@@ -432,33 +577,39 @@ def output_dir(out: str | None, *, partial: bool, force: bool) -> Path:
     return path
 
 
-def measure(settings: Settings, *, data_dir: str, skip_flower: bool, num_cpus: int, timeout: float) -> dict[str, Any]:
-    """Every measurement, printed as it completes; the result keys depend on `skip_flower` only, never on
-    `settings`, so a quick run writes the same keys as a full one."""
+def measure(settings: Settings, *, data_dir: str, skip_flower: bool, num_cpus: int, timeout: float,
+            only: Sequence[str] = PARTS) -> dict[str, Any]:
+    """Every measurement of `only`, printed as it completes; the result keys depend on `skip_flower` and
+    `only`, never on `settings`, so a quick run writes the same keys as a full one."""
+    parts = [p for p in only if not (skip_flower and p in FLOWER_PARTS)]
     result: dict[str, Any] = {}
-    print(f"{PREFIX} per-sample gradient engines ...", flush=True)
-    result["engines"] = bench_engines(data_dir, reps=settings.reps * 2)
-    for k, v in result["engines"]["engines"].items():
-        print(f"{PREFIX}   {k:22s} {1e3 * v['median_seconds'] / 3:7.1f} ms/call  x{v['ratio_median']:.2f} of vmap "
-              f"({v['ratio_min']:.2f}-{v['ratio_max']:.2f})" +
-              (f"  max|diff| {v['max_abs_diff_vs_vmap']:.1e}" if 'max_abs_diff_vs_vmap' in v else ""), flush=True)
-    print(f"{PREFIX} DP round vs non-DP round ...", flush=True)
-    dp = bench_dp_round(data_dir, reps=settings.reps)
-    result["dp"] = dp
-    result["dp_overhead"] = dp["dp_overhead"]
-    for k, v in dp["rounds"].items():
-        print(f"{PREFIX}   {k:8s} {v['median_seconds']:.3f} s/round  x{v['ratio_median']:.2f} ({v['ratio_min']:.2f}-{v['ratio_max']:.2f})",
+    if "engines" in parts:
+        print(f"{PREFIX} per-sample gradient engines ...", flush=True)
+        result["engines"] = bench_engines(data_dir, reps=settings.reps * 2)
+        for k, v in result["engines"]["engines"].items():
+            print(f"{PREFIX}   {k:22s} {1e3 * v['median_seconds'] / 3:7.1f} ms/call  x{v['ratio_median']:.2f} of vmap "
+                  f"({v['ratio_min']:.2f}-{v['ratio_max']:.2f})" +
+                  (f"  max|diff| {v['max_abs_diff_vs_vmap']:.1e}" if 'max_abs_diff_vs_vmap' in v else ""), flush=True)
+    if "dp" in parts:
+        print(f"{PREFIX} DP round vs non-DP round ...", flush=True)
+        dp = bench_dp_round(data_dir, reps=settings.reps)
+        result["dp"] = dp
+        result["dp_overhead"] = dp["dp_overhead"]
+        for k, v in dp["rounds"].items():
+            print(f"{PREFIX}   {k:8s} {v['median_seconds']:.3f} s/round  x{v['ratio_median']:.2f} "
+                  f"({v['ratio_min']:.2f}-{v['ratio_max']:.2f})", flush=True)
+    if "noise" in parts:
+        print(f"{PREFIX} DP noise source, one release of all parameters ...", flush=True)
+        result.update(bench_noise(reps=settings.noise_reps))
+        print(f"{PREFIX}   {result['noise']['num_parameters']} parameters: SecureRandom "
+              f"{1e3 * result['secure_noise_seconds']:.2f} ms, torch.Generator (MT) {1e3 * result['mt_noise_seconds']:.2f} ms, "
+              f"x{result['secure_noise_over_mt']:.1f}", flush=True)
+    if "imports" in parts:
+        print(f"{PREFIX} import times (fresh python processes) ...", flush=True)
+        result.update(bench_imports(reps=settings.import_reps))
+        print(f"{PREFIX}   import torch {result['torch_import_s']:.2f} s, import client.app {result['clientapp_import_s']:.2f} s",
               flush=True)
-    print(f"{PREFIX} DP noise source, one release of all parameters ...", flush=True)
-    result.update(bench_noise(reps=settings.noise_reps))
-    print(f"{PREFIX}   {result['noise']['num_parameters']} parameters: SecureRandom "
-          f"{1e3 * result['secure_noise_seconds']:.2f} ms, torch.Generator (MT) {1e3 * result['mt_noise_seconds']:.2f} ms, "
-          f"x{result['secure_noise_over_mt']:.1f}", flush=True)
-    print(f"{PREFIX} import times (fresh python processes) ...", flush=True)
-    result.update(bench_imports(reps=settings.import_reps))
-    print(f"{PREFIX}   import torch {result['torch_import_s']:.2f} s, import client.app {result['clientapp_import_s']:.2f} s",
-          flush=True)
-    if not skip_flower:
+    if "federation" in parts:
         fed = bench_federation(data_dir, sizes=SCALE_SIZES, rounds=settings.rounds, num_cpus=num_cpus,
                                timeout=timeout, floor_sizes=FLOOR_SIZES)
         result["federation"] = fed
@@ -467,6 +618,21 @@ def measure(settings: Settings, *, data_dir: str, skip_flower: bool, num_cpus: i
         result["peak_memory_gib_1000"] = fed["1000"]["peak_memory_gib"]
         result["scale"] = {n: {"round_seconds_median": fed[n]["flower_steady_median"],
                                "peak_memory_gib": fed[n]["peak_memory_gib"]} for n in fed}
+    if "deployed" in parts:
+        dep = bench_deployed(data_dir, rounds=settings.rounds, timeout=timeout, start_reps=settings.import_reps)
+        result["deployed"] = dep
+        result["deployed_round_over_simulated"] = dep["deployed_round_over_simulated"]
+        result["clientapp_start_s"] = dep["clientapp_start_s"]
+        if "torch_import_s" in result:
+            result["clientapp_start_over_torch_import"] = result["clientapp_start_s"] / result["torch_import_s"]
+        print(f"{PREFIX}   deployed {dep['deployed_steady_median']:.2f} s/round, simulated "
+              f"{dep['simulated_steady_median']:.2f} s/round; deployed round parts "
+              f"{json.dumps({k: round(v, 2) for k, v in dep['deployed_round_parts'].items()})}", flush=True)
+    if "scale10000" in parts:
+        big = bench_scale_10000(rounds=settings.rounds, num_cpus=num_cpus, timeout=timeout)
+        result["scale_10000"] = big
+        result["peak_memory_gib_10000"] = big["peak_memory_gib_10000"]
+        result["round_seconds_10000_over_10"] = big["round_seconds_10000_over_10"]
     return result
 
 
@@ -482,9 +648,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--num-cpus", type=int, default=1, help="CPUs for the Flower simulation (floor: 1 process)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="per Flower run, seconds")
     ap.add_argument("--skip-flower", action="store_true", help="only the in-process measurements")
+    ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts to run, of {','.join(PARTS)}")
     args = ap.parse_args(argv)
+    only = [p for p in args.only.split(",") if p]
+    if unknown := sorted(set(only) - set(PARTS)):
+        ap.error(f"--only: unknown parts {unknown}; choose from {','.join(PARTS)}")
     try:
-        out = output_dir(args.out, partial=args.quick or args.skip_flower, force=args.force)
+        out = output_dir(args.out, partial=args.quick or args.skip_flower or set(only) != set(PARTS), force=args.force)
     except ValueError as err:
         ap.error(str(err))
 
@@ -497,7 +667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "command": "python -m simulations.benchmark " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))}
     t0 = time.perf_counter()
     result.update(measure(QUICK if args.quick else FULL, data_dir=data_dir, skip_flower=args.skip_flower,
-                          num_cpus=args.num_cpus, timeout=args.timeout))
+                          num_cpus=args.num_cpus, timeout=args.timeout, only=only))
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["targets"] = TARGETS
     result["seconds"] = round(time.perf_counter() - t0, 1)
@@ -506,10 +676,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{PREFIX} ---")
     for key, target in TARGETS.items():
         if key in result:
-            print(f"{PREFIX} {key:24s} {result[key]:.3f}  (target <= {target})")
-    for key in ("federation_overhead_100", "secure_noise_over_mt", "torch_import_s", "clientapp_import_s"):
+            value = "null (see scale_10000.reason)" if result[key] is None else f"{result[key]:.3f}"
+            print(f"{PREFIX} {key:34s} {value}  (target <= {target})")
+    for key in ("federation_overhead_100", "secure_noise_over_mt", "torch_import_s", "clientapp_import_s",
+                "clientapp_start_s"):
         if key in result:
-            print(f"{PREFIX} {key:24s} {result[key]:.3f}")
+            print(f"{PREFIX} {key:34s} {result[key]:.3f}")
     print(f"{PREFIX} wrote {out / 'benchmark.json'} in {result['seconds']:.0f}s")
     return 0
 

@@ -62,13 +62,27 @@ def test_a_quick_run_writes_the_same_keys_as_a_full_run(monkeypatch):
     monkeypatch.setattr(B, "bench_imports", stub("imports", {"torch_import_s": 1.0, "clientapp_import_s": 2.0,
                                                              "imports": {}}))
     monkeypatch.setattr(B, "bench_federation", stub("federation", fed))
+    monkeypatch.setattr(B, "bench_deployed", stub("deployed", {
+        "deployed_round_over_simulated": 3.0, "clientapp_start_s": 2.0, "deployed_steady_median": 3.0,
+        "simulated_steady_median": 1.0, "deployed_round_parts": {"clientapp_start_s": 2.0}}))
+    monkeypatch.setattr(B, "bench_scale_10000", stub("scale10000", {"peak_memory_gib_10000": None,
+                                                                    "round_seconds_10000_over_10": None}))
     kw = {"data_dir": "/nowhere", "num_cpus": 1, "timeout": 1.0}
     quick, full = B.measure(B.QUICK, skip_flower=False, **kw), B.measure(B.FULL, skip_flower=False, **kw)
     assert set(quick) == set(full)
     assert {"dp_overhead", "federation_overhead_10", "federation_overhead_100", "peak_memory_gib_1000",
             "secure_noise_seconds", "mt_noise_seconds", "secure_noise_over_mt", "torch_import_s",
-            "clientapp_import_s"} <= set(quick)
+            "clientapp_import_s", "deployed_round_over_simulated", "clientapp_start_s",
+            "clientapp_start_over_torch_import", "peak_memory_gib_10000", "round_seconds_10000_over_10"} <= set(quick)
+    assert set(B.TARGETS) <= set(quick)
+    assert quick["clientapp_start_over_torch_import"] == 2.0
     assert seen["federation"][0]["sizes"] == seen["federation"][1]["sizes"]  # same scale points, fewer rounds
+    skipped = B.measure(B.QUICK, skip_flower=True, **kw)
+    assert set(skipped) == set(B.measure(B.FULL, skip_flower=True, **kw))
+    assert not {"deployed_round_over_simulated", "peak_memory_gib_10000", "federation_overhead_10"} & set(skipped)
+    only = B.measure(B.QUICK, skip_flower=False, only=["imports", "deployed"], **kw)
+    assert set(only) == {"torch_import_s", "clientapp_import_s", "imports", "deployed",
+                         "deployed_round_over_simulated", "clientapp_start_s", "clientapp_start_over_torch_import"}
     for field in dataclasses.fields(B.Settings):
         assert 0 < getattr(B.QUICK, field.name) <= getattr(B.FULL, field.name), field.name
 
@@ -84,3 +98,11 @@ def test_noise_measurement_compares_one_release_of_every_parameter():
     assert got["noise"]["num_parameters"] == sum(p.numel() for p in model.parameters())
     assert got["secure_noise_seconds"] > 0 and got["mt_noise_seconds"] > 0
     assert got["secure_noise_over_mt"] > 0 and got["noise"]["releases"]["secure"]["reps"] == 3
+
+
+def test_the_synthetic_scale_file_is_read_as_the_dataset_it_stands_in_for(tmp_path):
+    from common.data import load_medmnist
+
+    B.write_synthetic_npz(tmp_path / f"{B.SCALE_RUN_CONFIG['dataset']}.npz", n=(50, 5, 7))
+    ds = load_medmnist(B.SCALE_RUN_CONFIG["dataset"], tmp_path)
+    assert len(ds) == 62 and set(ds.labels.tolist()) <= {0, 1}
