@@ -55,7 +55,6 @@ DRAW_COLUMNS = ["dataset", "dirichlet_alpha", "seed", "method", "epsilon", "hosp
 TUNED_STEPS, TUNED_LR = -1, 0.0  # how the tuned protocol's rows are marked in draws-shaped tables
 
 QUICK_DEFAULTS: dict[str, Any] = {
-    "seeds": [0, 1],
     "run-config": {"num-server-rounds": 2, "num-hospitals": 5, "num-held-out": 2, "clients-per-round": 2,
                    "local-meta-steps": 2},
     "eval": {"draws": 1},
