@@ -414,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         parts = args.merge or [out]
         scores = pd.concat([pd.read_csv(p / "scores.csv", dtype={"epsilon": str}) for p in parts], ignore_index=True)
         runs = pd.concat([pd.read_csv(p / "runs.csv", dtype={"epsilon": str}) for p in parts], ignore_index=True)
+        # a baseline (no epsilon) re-run by a later part is the same cell: keep the first part's rows only
+        scores = scores.drop_duplicates([c for c in scores.columns if c not in ("auc", "accuracy")], keep="first")
+        runs = runs.drop_duplicates(["dataset", "dirichlet_alpha", "seed", "method", "epsilon"], keep="first")
         command = "; ".join(dict.fromkeys((p / "command.txt").read_text().strip() for p in parts))
         if args.merge:
             scores.to_csv(out / "scores.csv", index=False)

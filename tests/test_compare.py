@@ -51,3 +51,17 @@ def test_committed_comparison_configs_parse_with_three_seeds_and_both_references
         assert {"fedavg", "local"} <= names, "DP FedAvg and the hospital alone are the paired references"
         quick = load_experiment(path, quick=True)
         assert quick["seeds"] and quick["method"]
+
+
+def test_merging_parts_that_share_a_baseline_counts_it_once(tmp_path) -> None:
+    """A part run with --only-epsilons re-runs the baselines (no epsilon); merged, each cell appears once."""
+    from simulations import compare
+    from simulations.compare import REPO_ROOT as REPO
+
+    committed = REPO / "docs" / "results" / "compare-dp"
+    out = tmp_path / "merged"
+    out.mkdir()
+    assert compare.main([str(REPO / "simulations" / "experiments" / "compare" / "compare-dp.toml"), "--tables-only",
+                         "--merge", str(committed), str(committed), "--out", str(out)]) in (0, None)
+    for name in ("scores.csv", "runs.csv"):
+        assert len(pd.read_csv(out / name)) == len(pd.read_csv(committed / name)), name
