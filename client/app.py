@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import math
 import os
 import time
@@ -46,7 +45,6 @@ from common.policy import (
 
 NOISE_STATE = "noise-calibration"  # context.state: the calibrated noise multiplier, computed once per run
 
-log = logging.getLogger(__name__)
 app = ClientApp(mods=[audit_mod, guard_mod])
 
 
@@ -116,11 +114,12 @@ def _journal(policy: HospitalPolicy, cfg: Config, context: Context) -> LedgerJou
     return journal
 
 
-def _has_charges(policy: HospitalPolicy, cfg: Config, context: Context) -> bool:
-    if not policy.ledger_dir and policy.simulated:
-        return False  # a simulated run's ledger is its own run's
-    journal = LedgerJournal(policy.ledger_dir) if policy.ledger_dir else None
-    return journal is not None and journal.exists() and bool(journal.entries())
+def _has_charges(policy: HospitalPolicy) -> bool:
+    """Whether the hospital's own ledger (`ledger-dir`) has released anything (a simulated run's is its own)."""
+    if not policy.ledger_dir:
+        return False
+    journal = LedgerJournal(policy.ledger_dir)
+    return journal.exists() and bool(journal.entries())
 
 
 @app.query()
@@ -130,7 +129,7 @@ def query(msg: Message, context: Context) -> Message:
     site = _site(cfg, policy)  # a missing or corrupt data folder fails here, at the start of the run
     metrics: dict = {P.HOSPITAL_ID: policy.hospital_id, P.HELD_OUT: int(policy.role == HELD_OUT)}
     if policy.role == TRAINING:
-        check_train(policy, cfg, ledger_has_charges=not cfg.dp and _has_charges(policy, cfg, context))
+        check_train(policy, cfg, ledger_has_charges=not cfg.dp and _has_charges(policy))
         if cfg.dp:
             ledger = _journal(policy, cfg, context).ledger(delta=cfg.target_delta)  # missing/unreadable fails here
             n_pub = _public_num_records(policy, site)
@@ -142,7 +141,7 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, policy = _setup(context)
-    check_train(policy, cfg, ledger_has_charges=not cfg.dp and _has_charges(policy, cfg, context))
+    check_train(policy, cfg, ledger_has_charges=not cfg.dp and _has_charges(policy))
     journal = _journal(policy, cfg, context) if cfg.dp else None
     site = _site(cfg, policy)
     theta = _theta(msg, site, cfg)
@@ -153,8 +152,7 @@ def train(msg: Message, context: Context) -> Message:
         outcome, rounds = train_round(cfg, site, theta, ledger=None, server_round=server_round), 0
     else:
         # the lock is held from the budget check to the last charge: overlapping runs cannot both spend it
-        with journal.locked(run=context.run_id, delta=cfg.target_delta) as ledger:
-            ledger.server_round = server_round
+        with journal.locked(run=context.run_id, server_round=server_round, delta=cfg.target_delta) as ledger:
             outcome = train_round(cfg, site, theta, ledger=ledger, server_round=server_round,
                                   public_num_records=n_pub)
             rounds = ledger.rounds

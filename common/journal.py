@@ -43,15 +43,15 @@ class LedgerCorrupt(PrivacyError):
 class JournaledLedger(PrivacyLedger):
     """A `PrivacyLedger` whose every `record` is first appended (and fsynced) to the open journal."""
 
-    def __init__(self, *, fh, run: int | str, delta: float, history, rounds: int) -> None:
+    def __init__(self, *, fh, run: int | str, server_round: int, delta: float, history, rounds: int) -> None:
         super().__init__(delta=delta, history=history, rounds=rounds)
         self._fh = fh
         self._run = run
-        self.server_round = 0
+        self._round = server_round
 
     def record(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> None:
         entry = {"noise-multiplier": float(noise_multiplier), "sample-rate": float(sample_rate), "steps": int(steps),
-                 "run": self._run, "round": int(self.server_round), "delta": self.delta, "time": time.time()}
+                 "run": self._run, "round": int(self._round), "delta": self.delta, "time": time.time()}
         super().record(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
         self._fh.seek(0, os.SEEK_END)
         self._fh.write(json.dumps(entry) + "\n")
@@ -98,14 +98,14 @@ class LedgerJournal:
         return PrivacyLedger(delta=delta, history=_history(entries), rounds=len(entries))
 
     @contextlib.contextmanager
-    def locked(self, *, run: int | str, delta: float) -> Iterator[JournaledLedger]:
+    def locked(self, *, run: int | str, server_round: int, delta: float) -> Iterator[JournaledLedger]:
         """The ledger under an exclusive lock; every charge made through it is appended before it returns."""
         self._require()
         with open(self.path, "r+") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 _, entries = self._parse(fh.read())
-                yield JournaledLedger(fh=fh, run=run, delta=delta, history=_history(entries), rounds=len(entries))
+                yield JournaledLedger(fh=fh, run=run, server_round=server_round, delta=delta, history=_history(entries), rounds=len(entries))
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 

@@ -27,11 +27,9 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import numpy as np
 import torch
@@ -228,28 +226,6 @@ class PrivacyLedger:
             hist[-1] = (noise_multiplier, sample_rate, hist[-1][2] + steps)
         else:
             hist.append((float(noise_multiplier), float(sample_rate), int(steps)))
-
-    def to_state(self) -> dict[str, Any]:
-        hist = self.history
-        return {
-            "noise-multipliers": [h[0] for h in hist],
-            "sample-rates": [h[1] for h in hist],
-            "steps": [h[2] for h in hist],
-            "delta": self.delta,
-            "rounds": self.rounds,
-            "accountant": ACCOUNTANT,
-        }
-
-    @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> PrivacyLedger:
-        try:
-            sig, rates, steps = state["noise-multipliers"], state["sample-rates"], state["steps"]
-            if not (len(sig) == len(rates) == len(steps)) or state.get("accountant", ACCOUNTANT) != ACCOUNTANT:
-                raise ValueError("inconsistent lists or accountant")
-            return cls(delta=float(state["delta"]), history=list(zip(sig, rates, steps)),
-                       rounds=int(state.get("rounds", 0)))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PrivacyError(f"corrupt privacy ledger state ({exc}); refusing to restart from zero") from exc
 
 
 def clip_and_sum(per_sample: Params, *, max_grad_norm: float) -> tuple[Params, torch.Tensor]:

@@ -101,18 +101,23 @@ def test_ledger_matches_opacus_reference_figures() -> None:
     assert ledger.epsilon() == pytest.approx(ref.get_epsilon(1e-5, alphas=list(RDP_ORDERS)), rel=1e-12)  # optimum below order 63: same figure
 
 
-def test_epsilon_is_monotone_and_survives_a_restart() -> None:
-    ledger = PrivacyLedger(delta=1e-5)
-    eps = [ledger.epsilon()]
+def test_epsilon_is_monotone_and_survives_a_restart(tmp_path) -> None:
+    """Charges go through the hospital's journal; a restarted process reads the same epsilon back."""
+    from common.journal import LedgerJournal
+
+    journal = LedgerJournal(tmp_path)
+    journal.create(hospital_id=0)
+    eps = [journal.ledger(delta=1e-5).epsilon()]
     for r in range(6):
-        ledger.record(noise_multiplier=1.2, sample_rate=0.2 if r % 2 else 0.1, steps=4)
-        ledger.rounds += 1
-        eps.append(ledger.epsilon())
+        with journal.locked(run=1, server_round=r + 1, delta=1e-5) as ledger:
+            ledger.record(noise_multiplier=1.2, sample_rate=0.2 if r % 2 else 0.1, steps=4)
+            eps.append(ledger.epsilon())
     assert eps[0] == 0.0 and all(b > a for a, b in zip(eps, eps[1:]))
-    restored = PrivacyLedger.from_state(ledger.to_state())
+    restored = LedgerJournal(tmp_path).ledger(delta=1e-5)
     assert restored.epsilon() == eps[-1] and restored.rounds == 6 and restored.delta == 1e-5
-    with pytest.raises(PrivacyError, match="corrupt"):
-        PrivacyLedger.from_state({"noise-multipliers": [1.0], "sample-rates": [], "steps": [1], "delta": 1e-5})
+    journal.path.write_text(journal.path.read_text() + '{"noise-multiplier": 1.0, "sample-rate": []}\n')
+    with pytest.raises(PrivacyError, match="unreadable"):
+        LedgerJournal(tmp_path).ledger(delta=1e-5)
 
 
 def test_calibration_lands_just_under_the_target() -> None:
