@@ -649,7 +649,7 @@ def write_hospital_folder(
 def _folder_error(folder: Path, problem: str) -> DataError:
     return DataError(
         f"hospital data folder {folder}: {problem}. A hospital folder holds {HOSPITAL_MANIFEST} and the "
-        "one .npz it names, as written by `python -m simulations.prepare_hospitals`; point the node "
+        "one .npz it names, as written by `python -m client.prepare_hospitals`; point the node "
         "config key 'hospital-data' at such a folder, or prepare it again."
     )
 

@@ -69,6 +69,13 @@ def load_site(cfg: Config, hospital_id: int) -> Site:
     return Site(hospital_id, x, y, ds.info)
 
 
+def sites_for(cfg: Config) -> tuple[list[Site], list[Site]]:
+    """(training, held-out) hospitals of the run's simulated partition (the held-out ones by seed)."""
+    held = set(D.held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed))
+    sites = [load_site(cfg, h) for h in range(cfg.num_hospitals)]
+    return [s for s in sites if s.hospital_id not in held], [s for s in sites if s.hospital_id in held]
+
+
 @functools.lru_cache(maxsize=8)
 def _partition_cached(key: tuple, labels_bytes: bytes, n: int) -> tuple[np.ndarray, ...]:
     cfg, n_classes = key[0], key[1]

@@ -13,7 +13,7 @@ output gradient:
 
 This is the computation of Opacus' grad samplers for these layers, without module wrapping. A
 model with any other parametrised layer (or a grouped/dilated convolution) is refused, so the
-engine can never silently return a wrong gradient; `tests/test_per_sample_engines.py` checks it
+engine can never silently return a wrong gradient; `tests/test_per_sample.py` checks it
 against ``vmap`` to 1e-5.
 """
 

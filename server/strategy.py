@@ -101,7 +101,7 @@ class MetaGradientStrategy(Strategy):
 
         Sampling positions in the list of hospitals sorted by hospital id (not by Flower's node ids,
         which are random per deployment) makes the schedule a function of the seed and the hospitals
-        alone: the same as `simulations.local_loop` and as any other deployment of the same run.
+        alone: the same as `simulations.experiments.local_loop` and as any other deployment of the same run.
         """
         by_hospital = sorted(self.training_nodes, key=lambda n: self.hospital_of[n])
         k = min(self.cfg.clients_per_round, len(by_hospital))

@@ -26,7 +26,7 @@ How each figure is measured (everything in one run, on this machine, one torch t
 - **federation_overhead_N**: a real Flower simulation (`simulations.run`: managed SuperLink,
   simulation engine, Ray) of N registered hospitals with a fixed number sampled per round, per-round
   wall time from its ``summary.json`` (``rounds[i].seconds``, round 1 (Ray start-up) and the last
-  round (held-out evaluation) skipped), over the same rounds of `simulations.local_loop.meta_train`
+  round (held-out evaluation) skipped), over the same rounds of `simulations.experiments.local_loop.meta_train`
   on the same config in this process (the compute floor: identical calls, no transport), run once
   before and once after the Flower run (the machine is shared; its load drifts); medians. Flower
   gets as many CPUs as the floor (``--num-cpus``, default 1), so the ratio is the cost of the
@@ -75,13 +75,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from server.run_config import APP_DIR as REPO_ROOT, app_config
+
 COMMITTED_OUT = REPO_ROOT / "docs" / "results" / "benchmark"
 DEFAULT_OUT = "benchmark-out"  # relative to the current directory
 PREFIX = "[benchmark]"
@@ -110,8 +110,7 @@ DEPLOY_RUN_CONFIG = {"num-hospitals": 3, "num-held-out": 1, "clients-per-round":
 
 
 def _base_rc(data_dir: str) -> dict[str, Any]:
-    with open(REPO_ROOT / "pyproject.toml", "rb") as fh:
-        rc = dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+    rc = app_config()
     rc["data-dir"] = data_dir
     return rc
 
@@ -213,7 +212,7 @@ def bench_dp_round(data_dir: str, *, reps: int) -> dict[str, Any]:
     from common.hospital import new_model, noise_multiplier_for, train_round
     from common.model import get_params
     from common.privacy import PrivacyLedger
-    from simulations.local_loop import sites_for
+    from common.hospital import sites_for
 
     rc = _base_rc(data_dir)  # the README defaults: breastmnist, fomaml, 8 of 8 hospitals, batch 16, eps 8
     cfg_dp = load_config({**rc, "dp": True})
@@ -394,7 +393,8 @@ def flower_run(rc: Mapping[str, Any], *, num_cpus: int, timeout: float, workdir:
 
 def local_rounds(rc: Mapping[str, Any]) -> list[float]:
     from common.config import load_config
-    from simulations.local_loop import meta_train, sites_for
+    from common.hospital import sites_for
+    from simulations.experiments.local_loop import meta_train
 
     cfg = load_config(rc)
     training, _ = sites_for(cfg)

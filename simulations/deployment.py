@@ -11,7 +11,7 @@ and `num-hospitals` SuperNodes, registers their keys, submits the run with `flwr
 `finished:completed`, prints the per-round times from `summary.json` and stops every process it
 started (also on Ctrl-C or an error).
 
-Processes are found again by their private FLWR_HOME (`simulations.flower_env`), which every
+Processes are found again by their private FLWR_HOME (`simulations.run.flower_env`), which every
 child inherits: the SuperLink's SuperExec and ServerApp, the SuperNodes' SuperExecs and ClientApps.
 """
 
@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulations import flower_env
-from simulations.run import REPO_ROOT, resolve_run_config, run_status, validate_run_config, write_overrides_toml
+from simulations.run import flower_env
+from server.run_config import APP_DIR, resolve_run_config, validate_run_config
+from simulations.run.launcher import run_status, write_overrides_toml
 
 CONNECTION = "fedmeta-local"
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
@@ -70,7 +71,7 @@ class LocalDeployment:
 
     root: Path
     run_config: dict[str, Any] = field(default_factory=dict)   # overrides of [tool.flwr.app.config]
-    app_dir: Path = REPO_ROOT
+    app_dir: Path = APP_DIR
     hospital_data: bool = True                                  # each SuperNode gets its own data folder
 
     def __post_init__(self) -> None:

@@ -7,7 +7,7 @@ import itertools
 import pandas as pd
 import pytest
 
-from simulations.compare import choose_and_report, paired
+from simulations.experiments.compare import choose_and_report, paired
 
 
 def frame(method: str, val_best: tuple, test_scores: dict, seed: int = 0) -> list[dict]:
@@ -40,7 +40,7 @@ def test_choice_comes_from_validation_hospitals_even_when_the_test_hospital_woul
 
 
 def test_committed_comparison_configs_parse_with_three_seeds_and_both_references() -> None:
-    from simulations.compare import REPO_ROOT, load_experiment
+    from simulations.experiments.compare import REPO_ROOT, load_experiment
 
     paths = sorted((REPO_ROOT / "simulations" / "experiments" / "compare").glob("*.toml"))
     assert paths
@@ -55,8 +55,8 @@ def test_committed_comparison_configs_parse_with_three_seeds_and_both_references
 
 def test_merging_parts_that_share_a_baseline_counts_it_once(tmp_path) -> None:
     """A part run with --only-epsilons re-runs the baselines (no epsilon); merged, each cell appears once."""
-    from simulations import compare
-    from simulations.compare import REPO_ROOT as REPO
+    from simulations.experiments import compare
+    from simulations.experiments.compare import REPO_ROOT as REPO
 
     committed = REPO / "docs" / "results" / "compare-dp"
     out = tmp_path / "merged"
@@ -65,3 +65,53 @@ def test_merging_parts_that_share_a_baseline_counts_it_once(tmp_path) -> None:
                          "--merge", str(committed), str(committed), "--out", str(out)]) in (0, None)
     for name in ("scores.csv", "runs.csv"):
         assert len(pd.read_csv(out / name)) == len(pd.read_csv(committed / name)), name
+
+
+def test_an_experiment_file_without_a_required_key_or_the_centralised_settings_is_refused(tmp_path) -> None:
+    from simulations.experiments.compare import load_experiment
+
+    body = ('name = "x"\ndatasets = ["breastmnist"]\nseeds = [0]\nepsilons = [8]\nshots = [5]\n'
+            'draws = 1\n[[method]]\nname = "fedavg"\n')
+    ok = tmp_path / "ok.toml"
+    ok.write_text(body)
+    exp = load_experiment(ok, quick=False)
+    assert exp["method"][0]["kind"] == "federated" and exp["query-cap"] == 0
+    no_draws = tmp_path / "no-draws.toml"
+    no_draws.write_text(body.replace("draws = 1\n", ""))
+    with pytest.raises(ValueError, match="'draws'"):
+        load_experiment(no_draws, quick=False)
+    central = tmp_path / "central.toml"
+    central.write_text(body + '[[method]]\nname = "c"\nkind = "centralised"\n[centralised]\nepochs = 3\n')
+    with pytest.raises(ValueError, match="batch-size"):
+        load_experiment(central, quick=False)
+
+
+@pytest.mark.slow
+def test_quick_comparison_end_to_end_spends_the_budget_and_scores_only_test_hospitals(tmp_path) -> None:
+    """`compare --quick` through its command line (about half a minute): every federated method spends
+    at most its epsilon (and nearly all of it), the report holds test hospitals only, the plot is written."""
+    import subprocess
+    import sys
+
+    from common.config import load_config
+    from common.hospital import validation_hospitals
+    from simulations.experiments.compare import REPO_ROOT, cell_run_config, load_experiment
+
+    path = REPO_ROOT / "simulations" / "experiments" / "compare" / "compare-dp.toml"
+    out = tmp_path / "quick"
+    proc = subprocess.run([sys.executable, "-m", "simulations.experiments.compare", str(path), "--quick",
+                           "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = pd.read_csv(out / "runs.csv")
+    fed = runs[runs.method != "local"]
+    assert len(fed) == 2 and (fed.max_epsilon <= 8.0).all() and (fed.max_epsilon > 7.9).all()
+    exp = load_experiment(path, quick=True)
+    cfg = load_config(cell_run_config(exp, "breastmnist", 1.0, 0))
+    assert cfg.num_hospitals == exp["run-config"]["num-hospitals"]  # --quick's settings beat the dataset's
+    val = set(validation_hospitals(cfg))
+    report = pd.read_csv(out / "report.csv")
+    assert len(report) and not (set(report.hospital) & val)
+    scores = pd.read_csv(out / "scores.csv")
+    assert set(scores[scores.role == "validation"].hospital) == val
+    assert (out / "breastmnist_alpha1_auc_vs_epsilon.png").stat().st_size > 10_000
+    assert "## breastmnist" in (out / "results.md").read_text()

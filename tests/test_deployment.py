@@ -12,7 +12,7 @@ import pytest
 
 from common.data import held_out_hospitals
 from common.journal import LedgerJournal
-from simulations import flower_env
+from simulations.run import flower_env
 from simulations.deployment import LocalDeployment
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]

@@ -32,7 +32,7 @@ from conftest import REPO, base_run_config, write_synthetic_npz
 from fake_grid import InProcessGrid, ServerCrash
 from server.app import run_federation
 from server.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
-from simulations import prepare_hospitals
+from client import prepare_hospitals
 
 pytestmark = pytest.mark.faults
 
@@ -487,7 +487,7 @@ def test_bad_config_or_data_gives_one_paragraph_exit_2_and_writes_nothing(
 def test_bad_data_through_the_real_command_line(medmnist_dir, tmp_path) -> None:
     """The same check as a user sees it: a separate process, its exit status and its stderr."""
     out = tmp_path / "hospitals"
-    res = subprocess.run([sys.executable, "-m", "simulations.prepare_hospitals", str(out), "--run-config",
+    res = subprocess.run([sys.executable, "-m", "client.prepare_hospitals", str(out), "--run-config",
                           f'data-dir="{_bad_data_dir("corrupt", medmnist_dir, tmp_path)}"'],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and not out.exists()

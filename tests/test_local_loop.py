@@ -1,6 +1,6 @@
 """The in-process loop the experiments use computes exactly what the Flower apps compute.
 
-The same config and seeds through (a) `simulations.local_loop` and (b) the real ServerApp loop with the
+The same config and seeds through (a) `simulations.experiments.local_loop` and (b) the real ServerApp loop with the
 real ClientApp handlers (in-process grid, and Flower's simulation engine for the DP-off case) must give
 the same theta (to float tolerance) and the same held-out scores. With DP on, the test injects one
 seeded noise and sampling generator into both paths; the product's own generators stay unseeded.
@@ -25,7 +25,8 @@ from common.model import get_params
 from conftest import REPO, base_run_config
 from fake_grid import InProcessGrid
 from server.app import run_federation
-from simulations.local_loop import evaluate_held_out, meta_train, score_held_out, sites_for
+from common.hospital import sites_for
+from simulations.experiments.local_loop import evaluate_held_out, meta_train, score_held_out
 
 
 @pytest.fixture(autouse=True)

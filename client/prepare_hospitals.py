@@ -1,6 +1,6 @@
 """Split a MedMNIST file into one data folder per hospital, to try a real deployment on one machine.
 
-    python -m simulations.prepare_hospitals OUT_DIR [--run-config "key=value ..."] [--app-dir PATH]
+    python -m client.prepare_hospitals OUT_DIR [--run-config "key=value ..."] [--app-dir PATH]
 
 The run config is resolved exactly as `python -m simulations.run` and `flwr run` resolve it
 (`[tool.flwr.app.config]` plus the overrides), and the partitioning is the simulation's
@@ -21,19 +21,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from simulations.run import REPO_ROOT, ConfigProblem, resolve_run_config, validate_run_config
+from server.run_config import APP_DIR, ConfigProblem, resolve_run_config, validate_run_config
 
 EXIT_ERROR = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m simulations.prepare_hospitals",
+        prog="python -m client.prepare_hospitals",
         description="Write one data folder per hospital (official MedMNIST .npz of its records + manifest).")
     parser.add_argument("out_dir", help="folder to create (must not exist, or be empty)")
     parser.add_argument("--run-config", "-c", action="append", metavar="'k=v ...'",
                         help="overrides for [tool.flwr.app.config], as for flwr run (repeatable, or one .toml)")
-    parser.add_argument("--app-dir", default=str(REPO_ROOT), help="Flower app directory (default: %(default)s)")
+    parser.add_argument("--app-dir", default=str(APP_DIR), help="Flower app directory (default: %(default)s)")
     args = parser.parse_args(argv)
 
     from common.data import DataError  # noqa: PLC0415 - keep --help fast

@@ -44,10 +44,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from simulations import flower_env
+from server.run_config import APP_DIR, ConfigProblem, resolve_run_config, validate_run_config
+from simulations.run import flower_env
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PATH_KEYS = ("data-dir", "results-dir")
 SUMMARY_FILE = "summary.json"
 PREFIX = "[simulations.run]"
 
@@ -64,10 +63,6 @@ class LaunchError(Exception):
     """Flower could not be launched (missing CLI, broken app dir, ...)."""
 
 
-class ConfigProblem(Exception):
-    """The run config cannot be resolved or is invalid; the message is user-facing."""
-
-
 class Interrupted(BaseException):
     """Raised from a signal handler (SIGINT, SIGTERM, SIGALRM for --timeout)."""
 
@@ -78,69 +73,6 @@ class Interrupted(BaseException):
 
 
 # --------------------------------------------------------------------------- config
-
-
-def absolute_path(value: str, cwd: str | Path) -> str:
-    """`~` expanded, made absolute against `cwd`, normalised (symlinks are kept)."""
-    path = Path(os.path.expanduser(value))
-    if not path.is_absolute():
-        path = Path(cwd) / path
-    return os.path.normpath(str(path))
-
-
-def parse_overrides(run_config_args: Sequence[str] | None) -> dict[str, Any]:
-    """Parse `--run-config` values with Flower's own parser (flat dict, TOML-typed values).
-
-    Accepts what `flwr run --run-config` accepts: "k1=1 k2=\"s\"" strings (repeatable) or a
-    single path to a .toml file. Unquoted strings are a TOML error in Flower too.
-    """
-    import click  # noqa: PLC0415 - flwr dependency, imported lazily to keep --help fast
-    from flwr.common.config import parse_config_args  # noqa: PLC0415
-
-    try:
-        return dict(parse_config_args(list(run_config_args) if run_config_args else None))
-    except click.ClickException as err:
-        raise ConfigProblem(f"--run-config: {err.message}") from None
-    except (ValueError, OSError) as err:
-        raise ConfigProblem(f"--run-config: {err}") from None
-
-
-def resolve_run_config(
-    app_dir: str | Path,
-    run_config_args: Sequence[str] | None,
-    cwd: str | Path | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Return `(fused, overrides)`: the run config the apps will see and the overrides to send.
-
-    The path keys are made absolute in both, and always sent as overrides (also when they come
-    from pyproject.toml), because the ServerApp/ClientApps run in other processes.
-    """
-    from flwr.common.config import get_fused_config_from_dir  # noqa: PLC0415
-
-    cwd = Path.cwd() if cwd is None else Path(cwd)
-    overrides = parse_overrides(run_config_args)
-    app_dir = Path(app_dir)
-    if not (app_dir / "pyproject.toml").is_file():
-        raise ConfigProblem(f"no pyproject.toml in app dir {app_dir}")
-    try:
-        fused = dict(get_fused_config_from_dir(app_dir, overrides))
-    except ValueError as err:  # unknown override key, invalid pyproject
-        raise ConfigProblem(f"run config: {err} (keys must exist in [tool.flwr.app.config])") from None
-    for key in PATH_KEYS:
-        value = fused.get(key)
-        if isinstance(value, str) and value.strip():
-            fused[key] = overrides[key] = absolute_path(value, cwd)
-    return fused, overrides
-
-
-def validate_run_config(fused: Mapping[str, Any]) -> Any:
-    """`common.config.load_config(fused)`; a `ConfigError` becomes a `ConfigProblem`."""
-    from common.config import ConfigError, load_config  # noqa: PLC0415
-
-    try:
-        return load_config(fused)
-    except ConfigError as err:
-        raise ConfigProblem(str(err)) from None
 
 
 def check_data(cfg: Any) -> str:
@@ -192,7 +124,7 @@ def check_data_in_child(app_dir: Path, run_config_args: Sequence[str] | None, ti
     cmd = [sys.executable, "-m", "simulations.run", "--check", "--app-dir", str(app_dir)]
     for value in run_config_args or ():
         cmd += ["--run-config", value]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(APP_DIR), os.environ.get("PYTHONPATH")) if p)}
     return subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, timeout=timeout, check=False).returncode
 
 
@@ -314,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         "'num-server-rounds=2 algorithm=\"reptile\"' (strings must be quoted; repeatable) "
         "or one path to a .toml file.",
     )
-    p.add_argument("--app-dir", default=str(REPO_ROOT), help="Flower app directory (default: %(default)s)")
+    p.add_argument("--app-dir", default=str(APP_DIR), help="Flower app directory (default: %(default)s)")
     p.add_argument(
         "--num-cpus",
         type=int,

@@ -1,4 +1,4 @@
-"""Tests of the simulation launcher `python -m simulations.run` and its helpers.
+"""Tests of the simulation launcher `python -m simulations.run` (`simulations.run.launcher`).
 
 Fast tests start no Flower process. The `slow` ones run the launcher end to end through a real
 local SuperLink + Ray: one against a tiny probe app written into tmp_path (checks the launcher's
@@ -14,90 +14,15 @@ import re
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
 
 from conftest import real_medmnist_dir
-from simulations import flower_env
-from simulations import run as launcher
+from simulations.run import launcher
 
 REPO = Path(__file__).resolve().parents[1]
-HAVE_CONFIG = (REPO / "common" / "config.py").is_file()
-needs_config = pytest.mark.skipif(not HAVE_CONFIG, reason="common/config.py (load_config) does not exist yet")
 
-
-def _base_config() -> dict:
-    with open(REPO / "pyproject.toml", "rb") as fh:
-        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
-
-
-# --------------------------------------------------------------------------- override parsing
-
-
-def test_overrides_use_flower_syntax_and_types():
-    got = launcher.parse_overrides(['num-server-rounds=3 algorithm="reptile" dp=false', "meta-lr=0.01"])
-    assert got == {"num-server-rounds": 3, "algorithm": "reptile", "dp": False, "meta-lr": 0.01}
-
-
-def test_unquoted_string_is_rejected_like_flower_does():
-    with pytest.raises(launcher.ConfigProblem, match="invalid format"):
-        launcher.parse_overrides(["algorithm=reptile"])
-
-
-def test_no_overrides():
-    assert launcher.parse_overrides(None) == {}
-    assert launcher.parse_overrides([]) == {}
-
-
-def test_overrides_from_toml_file(tmp_path):
-    f = tmp_path / "o.toml"
-    f.write_text('num-server-rounds = 4\nalgorithm = "maml"\n')
-    assert launcher.parse_overrides([str(f)]) == {"num-server-rounds": 4, "algorithm": "maml"}
-
-
-def test_unknown_key_is_named():
-    with pytest.raises(launcher.ConfigProblem, match="no-such-key"):
-        launcher.resolve_run_config(REPO, ["no-such-key=1"])
-
-
-def test_fused_config_has_every_pyproject_key_and_the_override():
-    fused, overrides = launcher.resolve_run_config(REPO, ["num-server-rounds=7"], cwd="/somewhere")
-    assert set(fused) == set(_base_config())
-    assert fused["num-server-rounds"] == 7 and overrides["num-server-rounds"] == 7
-
-
-# --------------------------------------------------------------------------- path rewriting
-
-
-def test_relative_paths_become_absolute_against_the_callers_cwd(tmp_path):
-    fused, overrides = launcher.resolve_run_config(
-        REPO, ['data-dir="data/med" results-dir="../out/r1"'], cwd=tmp_path / "work"
-    )
-    assert fused["data-dir"] == overrides["data-dir"] == str(tmp_path / "work" / "data" / "med")
-    assert fused["results-dir"] == overrides["results-dir"] == str(tmp_path / "out" / "r1")
-
-
-def test_pyproject_defaults_are_rewritten_and_always_passed_on(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    base = _base_config()
-    fused, overrides = launcher.resolve_run_config(REPO, None, cwd=tmp_path)
-    for key in launcher.PATH_KEYS:
-        assert os.path.isabs(overrides[key]), key
-        assert fused[key] == overrides[key]
-    assert fused["results-dir"] == os.path.normpath(str(tmp_path / os.path.expanduser(base["results-dir"])))
-    if base["data-dir"].startswith("~"):
-        assert fused["data-dir"].startswith(str(tmp_path / "home"))
-    # Nothing but the two path keys is sent when the caller overrides nothing.
-    assert set(overrides) == set(launcher.PATH_KEYS)
-
-
-def test_absolute_path_keeps_absolute_and_expands_user(monkeypatch, tmp_path):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert launcher.absolute_path("/a/b/../c", "/x") == "/a/c"
-    assert launcher.absolute_path("~/d", "/x") == str(tmp_path / "d")
-    assert launcher.absolute_path("e", "/x/y") == "/x/y/e"
 
 
 def test_overrides_file_round_trips_through_flowers_parser(tmp_path):
@@ -130,7 +55,6 @@ def test_federation_config_is_valid_for_flower():
 # --------------------------------------------------------------------------- validation / CLI
 
 
-@needs_config
 def test_invalid_value_exits_2_naming_the_key_and_starts_nothing(monkeypatch, capsys):
     def must_not_run(*_a, **_k):
         raise AssertionError("nothing may be started for an invalid config")
@@ -143,7 +67,6 @@ def test_invalid_value_exits_2_naming_the_key_and_starts_nothing(monkeypatch, ca
     assert "num-hospitals" in err and "1" in err
 
 
-@needs_config
 def test_invalid_value_via_real_cli_exits_2():
     proc = subprocess.run(
         [sys.executable, "-m", "simulations.run", "--run-config", 'algorithm="nope"'],
@@ -194,7 +117,6 @@ def _stopped_before_flower(proc: subprocess.CompletedProcess) -> str:
     return _one_paragraph(proc.stderr)
 
 
-@needs_config
 @pytest.mark.parametrize("existing", ["none", "corrupt"])
 def test_offline_download_fails_fast_with_one_paragraph_naming_file_folder_and_url(tmp_path, existing):
     from medmnist.info import INFO
@@ -215,7 +137,6 @@ def test_offline_download_fails_fast_with_one_paragraph_naming_file_folder_and_u
     assert not (tmp_path / "res").exists()
 
 
-@needs_config
 def test_every_bad_input_of_the_fault_suite_stops_the_launcher_before_flower(medmnist_dir, tmp_path):
     """The fault suite's bad configs and data (`test_faults.BAD_INPUTS`), through the real launcher: each is
     one paragraph and exit 2 before Flower starts, with no traceback."""
@@ -303,61 +224,6 @@ def test_summary_not_json(tmp_path):
     assert "not valid JSON" in launcher.check_summary(tmp_path, time.time() - 1, None)
 
 
-# --------------------------------------------------------------------------- flower_env
-
-
-def test_free_ports_are_distinct_and_bindable():
-    import socket
-
-    ports = flower_env.free_ports(3)
-    assert len(set(ports)) == 3
-    for port in ports:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", port))
-
-
-def test_private_home_env_and_removal():
-    with flower_env.private_flower_home(prefix="fedmeta-test-") as home:
-        assert home.config_file.read_text().count(":local:") == 1
-        env = home.env({"PATH": "/usr/bin", "RAY_ADDRESS": "1.2.3.4:6379"})
-        assert env["FLWR_HOME"] == str(home.path)
-        assert env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] == str(home.http_port)
-        assert env["FLWR_LOCAL_CONTROL_API_PORT"] == str(home.control_port)
-        assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
-        assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
-        assert env["PATH"].split(os.pathsep)[0] == str(flower_env.venv_bin_dir())
-        assert "RAY_ADDRESS" not in env
-        path = home.path
-    assert not path.exists()
-
-
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
-def test_processes_are_found_by_env_and_as_descendants_and_terminated(tmp_path):
-    marker = str(tmp_path / "home")
-    # A child that ignores SIGTERM (like Ray's agents) and a grandchild.
-    code = (
-        "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
-        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "FLWR_HOME": marker})
-    try:
-        deadline = time.time() + 10
-        while time.time() < deadline and len(flower_env.descendants_of(os.getpid())) < 2:
-            time.sleep(0.05)
-        assert proc.pid in flower_env.pids_with_env("FLWR_HOME", marker)
-        assert flower_env.pids_with_env("FLWR_HOME", marker + "x") == []
-        family = flower_env.descendants_of(os.getpid())
-        assert proc.pid in family and len(family) >= 2
-        killed = flower_env.stop_processes_of_home(marker, grace=0.5)
-        assert proc.pid in killed and len(killed) >= 2
-        proc.wait(timeout=5)
-        assert not any(flower_env._alive(p) for p in family)  # gone, or a zombie
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 # --------------------------------------------------------------------------- end to end (slow)
 
 _PROBE_SERVER = '''
@@ -443,7 +309,6 @@ def _launch(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Comp
 
 
 @pytest.mark.slow
-@needs_config
 def test_launcher_end_to_end_with_probe_app(tmp_path, medmnist_dir):
     app = _write_probe_app(tmp_path)
     common = (

@@ -1,10 +1,10 @@
 """DP meta-learning against DP FedAvg and the hospital alone, at a fixed epsilon, on new hospitals.
 
-    python -m simulations.compare simulations/experiments/compare/compare-dp.toml [--quick] [--out DIR]
+    python -m simulations.experiments.compare simulations/experiments/compare/compare-dp.toml [--quick] [--out DIR]
         [--only-dataset FLAG] [--cache DIR]
 
 The same functions as the Flower apps: every federated initialisation is trained by
-`simulations.local_loop.meta_train` (the ClientApp's `train_round` and the strategy's
+`simulations.experiments.local_loop.meta_train` (the ClientApp's `train_round` and the strategy's
 `OuterOptimizer`, without the transport), every adaptation by `common.adaptation.score_grid`,
 and the adaptation is chosen by `common.adaptation.choose_adaptation` on the **validation**
 hospitals (`common.hospital.validation_hospitals`: the first half of the held-out hospitals), as
@@ -14,17 +14,24 @@ adaptation (theta as is) and after the chosen adaptation; each method gets its o
 The experiment file (TOML):
 
     name = "..."; datasets = [...]; seeds = [...]; epsilons = [8, "inf"]; shots = [1, 5, 10]
-    dirichlet-alphas = [1.0]; draws = 3
+    draws = 3               # K-shot draws per test hospital        (all of the above are required)
+    dirichlet-alphas = [1.0]     # optional; default: pyproject's dirichlet-alpha
+    query-cap = 300              # optional; default 0 (score every query record)
     [run-config]            # overrides of pyproject's [tool.flwr.app.config] for every method
     [dataset-run-config.<flag>]  # and for one dataset (e.g. fewer hospitals for a small set)
-    [[method]]              # name, kind = "federated" | "local" | "centralised",
+    [[method]]              # name, kind = "federated" (default) | "local" | "centralised",
     name = "fomaml"         # epsilons (default: the file's), run-config (this method's own settings)
+    [centralised]           # required with a centralised method: epochs, lr, batch-size
     [quick]                 # what --quick replaces (seeds, epsilons, shots, run-config, ...)
+
+Every other setting comes from pyproject's `[tool.flwr.app.config]` (`server.run_config.app_config`):
+the harness has no defaults of its own.
 
 Outputs in DIR (default ``docs/results/<name>``; ``<name>-quick`` with ``--quick``): ``scores.csv``
 (every seed x method x epsilon x hospital x K x draw x grid point), ``runs.csv`` (one row per trained
 initialisation), ``results.md`` (tables: mean +- std over seeds; paired differences on the same
-test draws with 95% t-intervals over seeds) and ``command.txt``.
+test draws with 95% t-intervals over seeds), one plot per dataset and skew
+(``<dataset>_alpha<a>_auc_vs_epsilon.png``) and ``command.txt``.
 """
 
 from __future__ import annotations
@@ -42,7 +49,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from server.run_config import APP_DIR as REPO_ROOT, app_config
+
 PREFIX = "[compare]"
 INF = math.inf
 KINDS = ("federated", "local", "centralised")
@@ -72,29 +80,48 @@ def load_experiment(path: Path, *, quick: bool) -> dict[str, Any]:
         q = raw.get("quick", {})
         raw = {**copy.deepcopy(raw), **{k: v for k, v in q.items() if k != "run-config"}}
         raw["run-config"] = {**raw.get("run-config", {}), **q.get("run-config", {})}
-    for key in ("name", "datasets", "seeds", "method"):
+        for flag, table in raw.get("dataset-run-config", {}).items():  # --quick's settings win
+            raw["dataset-run-config"][flag] = {k: v for k, v in table.items() if k not in q.get("run-config", {})}
+    for key in ("name", "datasets", "seeds", "epsilons", "shots", "draws", "method"):
         if key not in raw:
             raise ValueError(f"experiment file {path}: missing key {key!r}")
-    raw["epsilons"] = [_eps(e) for e in raw.get("epsilons", ["inf"])]
+    # the only defaults: the partition's skew from pyproject, no query cap, no overrides
+    raw.setdefault("dirichlet-alphas", [app_config()["dirichlet-alpha"]])
+    raw.setdefault("query-cap", 0)
+    raw.setdefault("run-config", {})
+    raw.setdefault("dataset-run-config", {})
+    raw["epsilons"] = [_eps(e) for e in raw["epsilons"]]
     for m in raw["method"]:
-        if m.get("kind", "federated") not in KINDS:
+        m.setdefault("kind", "federated")
+        m.setdefault("run-config", {})
+        if m["kind"] not in KINDS:
             raise ValueError(f"method {m.get('name')!r}: kind must be one of {KINDS}")
-        m["epsilons"] = [_eps(e) for e in m.get("epsilons", raw["epsilons"])] if m.get("kind", "federated") == "federated" else [INF]
+        m["epsilons"] = [_eps(e) for e in m.get("epsilons", raw["epsilons"])] if m["kind"] == "federated" else [INF]
+    if any(m["kind"] == "centralised" for m in raw["method"]):
+        missing = {"epochs", "lr", "batch-size"} - set(raw.get("centralised", {}))
+        if missing:
+            raise ValueError(f"experiment file {path}: a centralised method needs [centralised] {sorted(missing)}")
     return raw
 
 
-def app_config() -> dict[str, Any]:
-    with open(REPO_ROOT / "pyproject.toml", "rb") as fh:
-        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
-
-
 def method_run_config(base: Mapping[str, Any], method: Mapping[str, Any], eps: float) -> dict[str, Any]:
-    rc = {**base, **method.get("run-config", {})}
-    if method.get("kind", "federated") == "federated":
+    rc = {**base, **method["run-config"]}
+    if method["kind"] == "federated":
         rc["dp"] = not math.isinf(eps)
         if rc["dp"]:
             rc["target-epsilon"] = eps
     return rc
+
+
+def cell_run_config(exp: Mapping[str, Any], dataset: str, alpha: float, seed: int) -> dict[str, Any]:
+    """The run config shared by every method of one (dataset, skew, seed): pyproject's defaults, the
+    file's run-config, its dataset-run-config, adaptation tuned on validation hospitals, and the
+    partition's minimum site size for the largest K (the same hospitals for every K)."""
+    rc = {**app_config(), **exp["run-config"], "tune-adaptation": True, "shots": max(int(k) for k in exp["shots"])}
+    d = Path(str(rc["data-dir"])).expanduser()
+    rc["data-dir"] = str(d if d.is_absolute() else (REPO_ROOT / d).resolve())
+    return {**rc, **exp["dataset-run-config"].get(dataset, {}), "dataset": dataset,
+            "dirichlet-alpha": float(alpha), "seed": int(seed)}
 
 
 def train(method: Mapping[str, Any], rc: Mapping[str, Any], cache: Path | None, centralised: Mapping[str, Any]):
@@ -104,9 +131,10 @@ def train(method: Mapping[str, Any], rc: Mapping[str, Any], cache: Path | None, 
     from common.baselines import random_init, train_centralised
     from common.config import load_config
     from common.hospital import new_model, noise_multiplier_for
-    from simulations.local_loop import meta_train, sites_for
+    from common.hospital import sites_for
+    from simulations.experiments.local_loop import meta_train
 
-    kind = method.get("kind", "federated")
+    kind = method["kind"]
     ignore = {"results-dir", "eval-every", "round-timeout", "wait-for-nodes", "data-dir"}
     blob = json.dumps({"kind": kind, "rc": {k: v for k, v in sorted(rc.items()) if k not in ignore},
                        "centralised": dict(centralised) if kind == "centralised" else {}, "v": 2}, sort_keys=True)
@@ -134,8 +162,8 @@ def train(method: Mapping[str, Any], rc: Mapping[str, Any], cache: Path | None, 
         y = torch.cat([s.y for s in training])
         res = train_centralised(new_model(cfg, info), random_init(in_channels=info.n_channels,
                                 num_classes=info.n_classes, seed=cfg.seed), x, y, num_classes=info.n_classes,
-                                epochs=int(centralised.get("epochs", 30)), lr=float(centralised.get("lr", 1e-3)),
-                                batch_size=int(centralised.get("batch-size", 128)), val_fraction=0.1, seed=cfg.seed)
+                                epochs=int(centralised["epochs"]), lr=float(centralised["lr"]),
+                                batch_size=int(centralised["batch-size"]), val_fraction=0.1, seed=cfg.seed)
         theta = res.theta
     else:
         theta = random_init(in_channels=info.n_channels, num_classes=info.n_classes, seed=cfg.seed)
@@ -211,26 +239,21 @@ def run(exp: Mapping[str, Any], *, cache: Path | None, only_dataset: str | None,
 
     from common.config import load_config
     from common.hospital import validation_hospitals
-    from simulations.local_loop import sites_for
+    from common.hospital import sites_for
 
     torch.set_num_threads(1)
-    base = {**app_config(), **exp.get("run-config", {}), "tune-adaptation": True}
-    d = Path(str(base["data-dir"])).expanduser()
-    base["data-dir"] = str(d if d.is_absolute() else (REPO_ROOT / d).resolve())
-    shots = [int(k) for k in exp.get("shots", [5])]
-    base["shots"] = max(shots)  # the partition's minimum site size, the same for every K
+    shots = [int(k) for k in exp["shots"]]
     score_rows, run_rows = [], []
     for dataset in exp["datasets"]:
         if only_dataset and dataset != only_dataset:
             continue
-        for alpha in exp.get("dirichlet-alphas", [base["dirichlet-alpha"]]):
+        for alpha in exp["dirichlet-alphas"]:
             for seed in exp["seeds"]:
-                rc0 = {**base, **exp.get("dataset-run-config", {}).get(dataset, {}), "dataset": dataset,
-                       "dirichlet-alpha": float(alpha), "seed": int(seed)}
+                rc0 = cell_run_config(exp, dataset, alpha, seed)
                 cfg0 = load_config(rc0)
                 _, held = sites_for(cfg0)
                 val_ids = set(validation_hospitals(cfg0))
-                main_alpha = float(exp.get("dirichlet-alphas", [alpha])[0])
+                main_alpha = float(exp["dirichlet-alphas"][0])
                 for method in exp["method"]:
                     eps_list = method["epsilons"]
                     if float(alpha) != main_alpha and "skew-epsilons" in method:  # the skew sweep: fewer epsilons
@@ -242,8 +265,8 @@ def run(exp: Mapping[str, Any], *, cache: Path | None, only_dataset: str | None,
                         common = {"dataset": dataset, "dirichlet_alpha": float(alpha), "seed": int(seed),
                                   "method": method["name"], "epsilon": eps_label(eps)}
                         score_rows += [{**common, **r} for r in score(theta, load_config(rc), held, val_ids, shots,
-                                                                      int(exp.get("draws", 3)), int(seed),
-                                                                      int(exp.get("query-cap", 0)))]
+                                                                      int(exp["draws"]), int(seed),
+                                                                      int(exp["query-cap"]))]
                         run_rows.append({**common, **facts, "total_seconds": round(time.perf_counter() - t0, 1)})
                         log(f"{PREFIX} {dataset} alpha={alpha:g} seed={seed} {method['name']} eps={eps_label(eps)}: "
                             f"train {facts['train_seconds']}s{' (cached)' if facts['cached'] else ''}, "
@@ -331,8 +354,8 @@ def render(exp, report, runs, pairs: dict[str, Any], command: str) -> str:
              "Every federated initialisation is trained with the apps' own functions (`local_loop.meta_train`); "
              "the adaptation (method × lr × steps from the server's grid, 0 steps included) is chosen per method, "
              "ε, K and seed on the **validation** hospitals; the table reports the **test** hospitals only "
-             f"(seeds {list(exp['seeds'])}, {exp.get('draws', 3)} K-shot draws per test hospital, the same draws for "
-             f"every method; query sets above {exp.get('query-cap', 0) or 'no'} records subsampled, the same "
+             f"(seeds {list(exp['seeds'])}, {exp['draws']} K-shot draws per test hospital, the same draws for "
+             f"every method; query sets above {exp['query-cap'] or 'no'} records subsampled, the same "
              "subsample for every method). Cells: AUC mean ± std over seeds of the per-seed mean over hospitals and draws (validation hospitals at the chosen adaptation; test hospitals as is and after it). "
              "ΔAUC: paired difference on the same (seed, hospital, draw), mean over seeds [95% t-interval over "
              "seeds] and the share of pairs won.", ""]
@@ -374,8 +397,53 @@ def render(exp, report, runs, pairs: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(report, out: Path) -> list[Path]:
+    """One figure per (dataset, skew): test AUC (mean +- std over seeds of the per-seed mean) against
+    epsilon, one panel per K; solid after the chosen adaptation, dashed before it; the hospital alone
+    (no epsilon) as a grey band. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    per_seed = report.groupby(CELL + ["seed"], sort=False)[["auc_before", "auc_after"]].mean().reset_index()
+    for (dataset, alpha), grp in per_seed.groupby(["dataset", "dirichlet_alpha"], sort=False):
+        shots = sorted(grp.shots.unique())
+        eps_order = sorted({e for e in grp.epsilon if e != "inf"}, key=float) + ["inf"]
+        fig, axes = plt.subplots(1, len(shots), figsize=(4.2 * len(shots), 3.6), squeeze=False, sharey=True)
+        for ax, k in zip(axes[0], shots):
+            cell = grp[grp.shots == k]
+            for i, (method, m) in enumerate(cell.groupby("method", sort=False)):
+                if method == "local":
+                    mu, sd = m.auc_after.mean(), m.auc_after.std(ddof=0)
+                    ax.axhspan(mu - sd, mu + sd, color="0.85", zorder=0)
+                    ax.axhline(mu, color="0.5", lw=1, label="hospital alone (adapted)")
+                    continue
+                stats = m.groupby("epsilon")[["auc_before", "auc_after"]].agg(["mean", "std"]).reindex(
+                    [e for e in eps_order if e in set(m.epsilon)])
+                x = [eps_order.index(e) for e in stats.index]
+                color = f"C{i}"
+                ax.errorbar(x, stats["auc_after"]["mean"], yerr=stats["auc_after"]["std"].fillna(0), color=color,
+                            marker="o", capsize=3, label=f"{method} (adapted)")
+                ax.plot(x, stats["auc_before"]["mean"], color=color, ls="--", marker="x", label=f"{method} (as is)")
+            ax.set_xticks(range(len(eps_order)), ["no DP" if e == "inf" else e for e in eps_order])
+            ax.set_xlabel("epsilon per training hospital")
+            ax.set_title(f"K = {k} per class")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("test-hospital AUC")
+        axes[0][-1].legend(fontsize=7, loc="lower right")
+        fig.suptitle(f"{dataset}, Dirichlet alpha = {alpha:g}")
+        fig.tight_layout()
+        path = out / f"{dataset}_alpha{alpha:g}_auc_vs_epsilon.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m simulations.compare", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m simulations.experiments.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("experiment", type=Path)
     ap.add_argument("--quick", action="store_true", help="the file's [quick] settings (CI-sized)")
     ap.add_argument("--out", type=Path, default=None)
@@ -398,14 +466,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or REPO_ROOT / "docs" / "results" / (exp["name"] + ("-quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m simulations.compare " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m simulations.experiments.compare " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     if args.only_alphas:
         keep_a = {float(v) for v in args.only_alphas.split(",")}
-        exp["dirichlet-alphas"] = [a for a in exp.get("dirichlet-alphas", [1.0]) if float(a) in keep_a]
+        exp["dirichlet-alphas"] = [a for a in exp["dirichlet-alphas"] if float(a) in keep_a]
     if args.only_epsilons:
         keep_e = {_eps(v) for v in args.only_epsilons.split(",")}
         for m in exp["method"]:  # the baselines (local, centralised) have no epsilon and always run
-            if m.get("kind", "federated") == "federated":
+            if m["kind"] == "federated":
                 m["epsilons"] = [e for e in m["epsilons"] if e in keep_e]
     if args.only_seeds:
         keep = {int(v) for v in args.only_seeds.split(",")}
@@ -445,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         if not p.empty:
             p.to_csv(out / f"paired-{name}.csv", index=False)
     (out / "results.md").write_text(render(exp, report, runs, pairs, command))
+    plot(report, out)
     print(f"{PREFIX} wrote {out}/results.md")
     return 0
 

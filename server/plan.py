@@ -1,7 +1,7 @@
 """Privacy budget planner: what a run config spends at each training hospital, before anything runs.
 
-    python -m simulations.plan --run-config "dataset='pneumoniamnist' data-dir='../shared/data/medmnist'"
-    python -m simulations.plan --sizes 120,480,1500 --run-config "target-epsilon=3"
+    python -m server.plan --run-config "dataset='pneumoniamnist' data-dir='../shared/data/medmnist'"
+    python -m server.plan --sizes 120,480,1500 --run-config "target-epsilon=3"
 
 Prints, per training hospital, q, sigma, DP steps per round and in all, the epsilon the accountant
 gives for them (with delta), the noise per coordinate of one released gradient and the expected
@@ -16,19 +16,17 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from simulations.run import ConfigProblem, resolve_run_config, validate_run_config
+from server.run_config import APP_DIR, ConfigProblem, resolve_run_config, validate_run_config
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.plan", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m server.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-config", action="append", default=None, help='"key=value ..." as for flwr run')
     parser.add_argument("--sizes", default="", help="comma-separated record counts of the training hospitals "
                                                     "(default: the simulation's partition of data-dir)")
-    parser.add_argument("--app-dir", default=str(REPO_ROOT))
+    parser.add_argument("--app-dir", default=str(APP_DIR))
     args = parser.parse_args(argv)
     try:
         fused, _ = resolve_run_config(args.app_dir, args.run_config)
@@ -52,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"plan: --sizes {args.sizes!r}: need comma-separated integers", file=sys.stderr)
                 return 2
         else:
-            from simulations.local_loop import sites_for  # noqa: PLC0415
+            from common.hospital import sites_for  # noqa: PLC0415
 
             training, _ = sites_for(cfg)
             sizes = [s.num_records for s in training]

@@ -17,10 +17,9 @@ import numpy as np
 
 from common.aggregate import InvalidUpdate, OuterOptimizer, validate_update, weighted_mean
 from common.config import Config
-from common.data import held_out_hospitals
 from common.adaptation import GridPoint, choose_adaptation
 from common.hospital import (
-    AdaptationScores, Site, adapt_and_score, adaptation_grid_scores, load_site, new_model, train_round,
+    AdaptationScores, Site, adapt_and_score, adaptation_grid_scores, new_model, train_round,
     validation_hospitals,
 )
 from common.maml import Params
@@ -36,12 +35,6 @@ class LocalRun:
     seconds_per_round: list[float] = field(default_factory=list)
     declined: int = 0
     dropped: int = 0
-
-
-def sites_for(cfg: Config) -> tuple[list[Site], list[Site]]:
-    held = set(held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed))
-    sites = [load_site(cfg, h) for h in range(cfg.num_hospitals)]
-    return [s for s in sites if s.hospital_id not in held], [s for s in sites if s.hospital_id in held]
 
 
 def meta_train(cfg: Config, training: list[Site], *, rounds: int | None = None) -> LocalRun:

@@ -1,6 +1,6 @@
 """Empirical privacy audit in one training run (Steinke, Nasr & Jagielski 2023), on the real mechanism.
 
-    python -m simulations.audit [--run-config "key=value ..."] [--quick] [--out DIR]
+    python -m simulations.experiments.audit [--run-config "key=value ..."] [--quick] [--out DIR]
         [--canaries M] [--guess-fraction F] [--canary-hospital ID] [--canary-norm X] [--audit-seed S]
         [--confidence C]
 
@@ -9,7 +9,7 @@ it joins). One training hospital (the *canary hospital*, default: the smallest, 
 sampled most often) holds m gradient-space canaries, each included independently with probability
 1/2 (`common.audit`). Training is the run's own: hospitals sampled per round as the strategy samples
 them, `common.hospital.train_round` with the product's clipping, unseeded noise and accounting,
-updates validated and aggregated with `common.aggregate` as `simulations.local_loop.meta_train`
+updates validated and aggregated with `common.aggregate` as `simulations.experiments.local_loop.meta_train`
 does; only rounds after the canary hospital's last round are skipped (they release nothing of it).
 A canary's score is the sum, over the canary hospital's released updates, of the update at its
 coordinate; the auditor guesses "in" for the top r/2 scores and "out" for the bottom r/2
@@ -32,12 +32,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from simulations.run import ConfigProblem, parse_overrides, resolve_run_config, validate_run_config
+from server.run_config import ConfigProblem, parse_overrides, resolve_run_config, validate_run_config
 
 if TYPE_CHECKING:
     from common.config import Config
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from server.run_config import APP_DIR as REPO_ROOT
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "medmnist"
 QUICK = {"dataset": "pneumoniamnist", "num-server-rounds": 3}
 QUICK_CANARIES = 200
@@ -72,7 +72,7 @@ def run_audit(cfg: Config, *, num_canaries: int, guess_fraction: float, canary_h
     from common.hospital import new_model, noise_multiplier_for, train_round
     from common.model import get_params
     from common.privacy import PrivacyLedger, sample_rate
-    from simulations.local_loop import sites_for
+    from common.hospital import sites_for
 
     if not cfg.first_order:
         raise AuditError("algorithm 'maml' differentiates through the inner loop, so a record's gradient is not a "
@@ -214,7 +214,7 @@ def plot_scores(record: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m simulations.audit", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m simulations.experiments.audit", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run-config", action="append", default=None, help='"key=value ..." as for flwr run')
     ap.add_argument("--quick", action="store_true", help="CI-sized run (overridden by --run-config)")
     ap.add_argument("--out", type=Path, default=Path("audit-out"), help="output folder (default ./audit-out)")
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     except (AuditError, DataError, PrivacyError) as err:
         print(f"audit: {err}", file=sys.stderr)
         return 2
-    record["command"] = "python -m simulations.audit " + shlex.join(sys.argv[1:] if argv is None else argv)
+    record["command"] = "python -m simulations.experiments.audit " + shlex.join(sys.argv[1:] if argv is None else argv)
     record["run_config"] = cfg.to_run_config()
     args.out.mkdir(parents=True, exist_ok=True)
     plot_scores(record, args.out / "scores.png")

@@ -1,6 +1,6 @@
 """One lever at a time: train with the defaults plus some run-config overrides, score on validation hospitals.
 
-    python -m simulations.levers --run-config "dataset='pneumoniamnist' data-dir='../shared/data/medmnist' local-lr=1.0"
+    python -m simulations.experiments.levers --run-config "dataset='pneumoniamnist' data-dir='../shared/data/medmnist' local-lr=1.0"
 
 How the defaults were chosen (issue 8): the apps' own computation (`local_loop.meta_train`), then at
 the **validation** hospitals only (`common.hospital.validation_hospitals`; test hospitals are never
@@ -15,18 +15,17 @@ import json
 import sys
 import time
 
-from simulations.run import ConfigProblem, resolve_run_config, validate_run_config
-from simulations.compare import REPO_ROOT
+from server.run_config import APP_DIR, ConfigProblem, resolve_run_config, validate_run_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m simulations.levers", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m simulations.experiments.levers", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run-config", action="append", default=None)
     ap.add_argument("--shots", type=int, default=10)
     ap.add_argument("--draws", type=int, default=3)
     args = ap.parse_args(argv)
     try:
-        fused, overrides = resolve_run_config(REPO_ROOT, args.run_config)
+        fused, overrides = resolve_run_config(APP_DIR, args.run_config)
         cfg = validate_run_config({**fused, "tune-adaptation": True})
     except ConfigProblem as err:
         print(f"levers: {err}", file=sys.stderr)
@@ -37,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     from common.adaptation import AS_IS, score_grid
     from common.baselines import kshot_draws
     from common.hospital import new_model, validation_hospitals
-    from simulations.local_loop import meta_train, sites_for
+    from common.hospital import sites_for
+    from simulations.experiments.local_loop import meta_train
 
     torch.set_num_threads(1)
     training, held = sites_for(cfg)

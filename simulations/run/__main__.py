@@ -1,0 +1,5 @@
+import sys
+
+from simulations.run.launcher import main
+
+sys.exit(main())
