@@ -15,6 +15,7 @@ from typing import Any
 from common.algorithms import ALGORITHMS, Algorithm
 META_OPTIMIZERS = ("adam", "sgd")
 ADAPT_METHODS = ("sgd", "clipped-sgd", "adam")
+INNER_PARAMS = ("all", "head")
 
 
 class ConfigError(ValueError):
@@ -41,6 +42,7 @@ class Config:
     algorithm: str
     inner_steps: int
     inner_lr: float
+    inner_params: str
     local_meta_steps: int
     local_lr: float
     meta_lr: float
@@ -209,6 +211,7 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
         algorithm=_choice(rc, "algorithm", ALGORITHMS),
         inner_steps=_int(rc, "inner_steps", lo=1),
         inner_lr=_float(rc, "inner_lr", lo=0.0),
+        inner_params=_choice(rc, "inner_params", INNER_PARAMS),
         local_meta_steps=_int(rc, "local_meta_steps", lo=1),
         local_lr=_float(rc, "local_lr", lo=0.0),
         meta_lr=_float(rc, "meta_lr", lo=0.0),
@@ -245,6 +248,11 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
         raise ConfigError(
             f"run-config key 'min-replies' = {cfg.min_replies}: must be <= 'clients-per-round' = "
             f"{cfg.clients_per_round}"
+        )
+    if cfg.inner_params == "head" and not Algorithm.parse(cfg.algorithm).has_query:
+        raise ConfigError(
+            f"run-config key 'inner-params' = 'head' needs algorithm 'fomaml' or 'maml': {cfg.algorithm}'s "
+            "update is the inner loop's own change, so with a head-only inner loop the body would never train"
         )
     if cfg.dp and Algorithm.parse(cfg.algorithm).second_order:
         raise ConfigError(

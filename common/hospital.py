@@ -22,7 +22,7 @@ from common.maml import (
     Episode, MetaUpdate, Params, PerSampleFn, Scores, batches_from, evaluate, local_meta_update, plain_gradient_fn,
 )
 from common.adaptation import GridPoint, finetune, score_grid
-from common.model import SmallCNN, build_model
+from common.model import SmallCNN, build_model, head_names
 from common.privacy import (
     NoiseSource, PrivacyError, PrivacyLedger, PrivacySpec, SecureRandom, calibrate_noise_multiplier, epsilon_for,
     private_gradient_fn, sample_rate, secure_generator, secure_rng,
@@ -236,7 +236,7 @@ def train_round(
 
     update = local_meta_update(
         theta, algorithm=cfg.algorithm, episodes=episodes(), inner_lr=cfg.inner_lr, local_lr=cfg.local_lr,
-        gradient_fn=gradient_fn, model=model,
+        gradient_fn=gradient_fn, model=model, inner_names=head_names(model) if cfg.inner_params == "head" else None,
     )
     return RoundOutcome(update, n_pub if cfg.dp else n, epsilon, delta)
 

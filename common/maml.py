@@ -43,10 +43,11 @@ def loss_fn(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor) 
 
 
 def mean_gradient(
-    model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, *, create_graph: bool = False
+    model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, *, create_graph: bool = False,
+    only: frozenset[str] | None = None,
 ) -> tuple[Params, torch.Tensor]:
-    """Gradient of the mean loss with respect to `params`, and the loss itself."""
-    names = list(params)
+    """Gradient of the mean loss with respect to `params` (or the names in `only`), and the loss itself."""
+    names = [n for n in params if only is None or n in only]
     loss = loss_fn(model, params, x, y)
     grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph)
     return dict(zip(names, grads)), loss
@@ -156,8 +157,10 @@ class GradientRelease:
     loss: torch.Tensor  # scalar; the (possibly noised) mean loss of the batch
 
 
-# A gradient oracle: (params, batch, create_graph, release_loss) -> GradientRelease.
-GradientFn = Callable[[Params, Batch, bool], GradientRelease]
+# A gradient oracle: (params, batch, create_graph[, only]) -> GradientRelease. With `only` (a set of
+# parameter names) the release holds the gradient of those parameters alone (ANIL's inner loop);
+# the forward pass still uses every parameter.
+GradientFn = Callable[..., GradientRelease]
 # (model, params, x, y) -> (per-record gradients {name: (B, *shape)}, per-record losses (B,))
 PerSampleFn = Callable[[nn.Module, Params, torch.Tensor, torch.Tensor], tuple[Params, torch.Tensor]]
 
@@ -169,18 +172,20 @@ def plain_gradient_fn(model: nn.Module, per_sample_fn: PerSampleFn | None = None
     the privacy audit uses it to add gradient-space canaries to a run without DP.
     """
 
-    def fn(params: Params, batch: Batch, create_graph: bool) -> GradientRelease:
+    def fn(params: Params, batch: Batch, create_graph: bool, only: frozenset[str] | None = None) -> GradientRelease:
         x, y = batch
         if x.shape[0] == 0:
-            return GradientRelease({k: torch.zeros_like(v) for k, v in params.items()}, torch.tensor(float("nan")))
+            return GradientRelease({k: torch.zeros_like(v) for k, v in params.items() if only is None or k in only},
+                                   torch.tensor(float("nan")))
         if per_sample_fn is not None:
             if create_graph:
                 raise ValueError("per_sample_fn gives first-order gradients only")
             grads, losses = per_sample_fn(model, {k: v.detach() for k, v in params.items()}, x, y)
-            return GradientRelease({k: v.mean(0) for k, v in grads.items()}, losses.detach().mean())
+            return GradientRelease({k: v.mean(0) for k, v in grads.items() if only is None or k in only},
+                                   losses.detach().mean())
         if not create_graph:  # first order: differentiate at these weights, as fresh leaves
             params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        g, loss = mean_gradient(model, params, x, y, create_graph=create_graph)
+        g, loss = mean_gradient(model, params, x, y, create_graph=create_graph, only=only)
         if not create_graph:
             g = {k: v.detach() for k, v in g.items()}
         return GradientRelease(g, loss.detach())
@@ -195,18 +200,22 @@ def adapt(
     inner_lr: float,
     gradient_fn: GradientFn,
     first_order: bool,
+    inner_names: frozenset[str] | None = None,
 ) -> tuple[Params, list[torch.Tensor]]:
     """Inner loop: one SGD step ``phi <- phi - inner_lr * g`` per support batch.
 
     With ``first_order=False`` the steps stay in the autograd graph (second-order MAML); the
-    returned weights are then differentiable functions of `params`. Returns the adapted weights
+    returned weights are then differentiable functions of `params`. With `inner_names` only those
+    parameters adapt (ANIL, Raghu et al. 2020: the head), and only their gradient is released, so
+    under DP the inner step's noise lives in their dimension alone. Returns the adapted weights
     and the loss of each step.
     """
     phi = dict(params)
     losses = []
     for batch in support:
-        release = gradient_fn(phi, batch, not first_order)
-        phi = {k: phi[k] - inner_lr * release.grads[k] for k in phi}
+        release = gradient_fn(phi, batch, not first_order) if inner_names is None else \
+            gradient_fn(phi, batch, not first_order, inner_names)
+        phi = {k: phi[k] - inner_lr * release.grads[k] if k in release.grads else phi[k] for k in phi}
         if first_order:
             phi = {k: v.detach() for k, v in phi.items()}
         losses.append(release.loss)
@@ -230,6 +239,7 @@ def meta_update(
     inner_lr: float,
     gradient_fn: GradientFn,
     model: nn.Module,
+    inner_names: frozenset[str] | None = None,
 ) -> MetaUpdate:
     """The hospital's contribution for one round, for any of the four algorithms.
 
@@ -243,7 +253,8 @@ def meta_update(
 
     if algo.second_order:
         leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
-        phi, _ = adapt(leaves, support, inner_lr=inner_lr, gradient_fn=gradient_fn, first_order=False)
+        phi, _ = adapt(leaves, support, inner_lr=inner_lr, gradient_fn=gradient_fn, first_order=False,
+                       inner_names=inner_names)
         x, y = query  # type: ignore[misc]
         q_loss = loss_fn(model, phi, x, y)
         names = list(leaves)
@@ -252,7 +263,7 @@ def meta_update(
 
     phi, losses = adapt(
         {k: v.detach() for k, v in theta.items()}, support,
-        inner_lr=inner_lr, gradient_fn=gradient_fn, first_order=True,
+        inner_lr=inner_lr, gradient_fn=gradient_fn, first_order=True, inner_names=inner_names,
     )
     if algo.has_query:
         release = gradient_fn(phi, query, False)  # type: ignore[arg-type]
@@ -281,6 +292,7 @@ def local_meta_update(
     local_lr: float,
     gradient_fn: GradientFn,
     model: nn.Module,
+    inner_names: frozenset[str] | None = None,
 ) -> MetaUpdate:
     """A round's local meta-training at one hospital; returns ``theta - theta_local`` (a pseudo meta-gradient).
 
@@ -308,7 +320,7 @@ def local_meta_update(
             step, loss = release.grads, float(release.loss)
         else:
             u = meta_update(local, algorithm=algorithm, support=ep.support, query=ep.query,
-                            inner_lr=inner_lr, gradient_fn=gradient_fn, model=model)
+                            inner_lr=inner_lr, gradient_fn=gradient_fn, model=model, inner_names=inner_names)
             step, loss = u.gradient, u.loss
         local = {k: (local[k] - local_lr * step[k]).detach() for k in local}
         losses.append(loss)

@@ -53,6 +53,17 @@ def build_model(*, in_channels: int, num_classes: int, seed: int) -> SmallCNN:
         torch.random.set_rng_state(gen_state)
 
 
+def head_names(model: nn.Module) -> frozenset[str]:
+    """Names of the parameters of the model's last linear layer (the head ANIL adapts)."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    if last is None:
+        raise ValueError(f"{type(model).__name__} has no linear layer to serve as a head")
+    return frozenset(f"{last}.{p}" if last else p for p, _ in model.get_submodule(last).named_parameters())
+
+
 def get_params(model: nn.Module) -> Params:
     """Detached copies of the model's parameters, in registration order."""
     return {name: p.detach().clone() for name, p in model.named_parameters()}

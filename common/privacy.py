@@ -265,7 +265,7 @@ def private_gradient_fn(
     per_sample = per_sample_fn or per_sample_gradients
     expected = sample_rate * num_records
 
-    def fn(params: Params, batch: Batch, create_graph: bool) -> GradientRelease:
+    def fn(params: Params, batch: Batch, create_graph: bool, only: frozenset[str] | None = None) -> GradientRelease:
         if create_graph:
             raise PrivacyError(
                 "second-order MAML cannot be made differentially private by per-sample clipping of "
@@ -273,6 +273,8 @@ def private_gradient_fn(
             )
         x, y = batch
         grads, losses = per_sample(model, params, x, y)
+        if only is not None:  # ANIL's inner step: release (clip, noise) these parameters' gradient only
+            grads = {k: v for k, v in grads.items() if k in only}
         summed, _ = clip_and_sum(grads, max_grad_norm=spec.max_grad_norm)
         std = spec.noise_multiplier * spec.max_grad_norm
         noisy = {k: (v + gaussian_noise(v.shape, std=std, generator=gen)) / expected for k, v in summed.items()}

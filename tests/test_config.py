@@ -51,3 +51,19 @@ def test_second_order_maml_with_dp_is_refused_with_the_reason() -> None:
         load_config({**base_run_config(), "algorithm": "maml", "dp": True})
     assert "fomaml" in str(err.value)
     assert not load_config({**base_run_config(), "algorithm": "maml", "dp": False}).first_order
+
+
+def test_a_head_only_inner_loop_needs_a_query_step() -> None:
+    import tomllib
+    from pathlib import Path
+
+    from common.config import ConfigError, load_config
+
+    with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as fh:
+        rc = dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+    assert load_config({**rc, "algorithm": "fomaml", "inner-params": "head"}).inner_params == "head"
+    for algo in ("reptile", "fedavg"):
+        with pytest.raises(ConfigError, match="body would never train"):
+            load_config({**rc, "algorithm": algo, "inner-params": "head"})
+    with pytest.raises(ConfigError, match="inner-params"):
+        load_config({**rc, "inner-params": "body"})

@@ -163,3 +163,43 @@ def test_local_meta_update_one_episode_is_the_classic_update_and_several_compose
         local = {k: (local[k] - beta * g[k]).detach() for k in local}
     for k in theta:
         torch.testing.assert_close(fed.gradient[k], theta[k] - local[k])
+
+
+def test_anil_inner_loop_adapts_the_head_alone_and_the_query_gradient_reaches_the_body() -> None:
+    from common.maml import local_meta_update, Episode
+    from common.model import head_names
+
+    model = build_model(in_channels=1, num_classes=2, seed=0)
+    theta = get_params(model)
+    head = head_names(model)
+    assert head == {"classifier.weight", "classifier.bias"}
+    g = torch.Generator().manual_seed(3)
+    sup = (torch.randn(6, 1, 28, 28, generator=g), torch.randint(0, 2, (6,), generator=g))
+    qry = (torch.randn(6, 1, 28, 28, generator=g), torch.randint(0, 2, (6,), generator=g))
+    fn = plain_gradient_fn(model)
+    phi, _ = adapt(theta, [sup, sup], inner_lr=0.5, gradient_fn=fn, first_order=True, inner_names=head)
+    for k in theta:
+        moved = not torch.equal(phi[k], theta[k])
+        assert moved == (k in head), k
+    # the head's two steps equal the full inner loop's head steps with the body frozen at theta
+    h = {k: theta[k] for k in head}
+    for _ in range(2):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in h.items()}
+        gr, _ = mean_gradient(model, {**theta, **leaves}, *sup, only=head)
+        h = {k: (leaves[k] - 0.5 * gr[k]).detach() for k in head}
+    for k in head:
+        torch.testing.assert_close(phi[k], h[k])
+    for first_order in (True, False):  # FOMAML and MAML: the meta-gradient covers every parameter
+        u = meta_update(theta, algorithm="fomaml" if first_order else "maml", support=[sup], query=qry,
+                        inner_lr=0.5, gradient_fn=fn, model=model, inner_names=head)
+        assert set(u.gradient) == set(theta) and all(float(v.abs().sum()) > 0 for v in u.gradient.values())
+    # one call of the gradient oracle per inner step and per query, exactly as without ANIL (the charge)
+    calls = []
+
+    def counting(params, batch, create_graph, only=None):
+        calls.append(only)
+        return fn(params, batch, create_graph, only)
+
+    local_meta_update(theta, algorithm="fomaml", episodes=[Episode([sup, sup], qry)] * 3, inner_lr=0.1,
+                      local_lr=0.5, gradient_fn=counting, model=model, inner_names=head)
+    assert calls == [head, head, None] * 3

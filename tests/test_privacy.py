@@ -160,3 +160,30 @@ def test_the_accountant_is_opacus_own_analysis_without_the_opacus_package() -> N
             "print(sorted(m for m in sys.modules if m == 'opacus' or m.startswith('opacus.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_head_only_release_is_clipped_and_noised_in_the_heads_dimension_alone() -> None:
+    from common.model import head_names
+
+    model = SmallCNN(in_channels=1, num_classes=2)
+    theta = get_params(model)
+    head = head_names(model)
+    sigma, clip, n, q = 1.1, 0.5, 100, 0.2
+    x, y = batch(8, seed=2)
+    quiet = private_gradient_fn(model, spec(1e-12, clip), num_records=n, sample_rate=q,
+                                generator=torch.Generator().manual_seed(0))
+    rel = quiet(theta, (x, y), False, head)
+    assert set(rel.grads) == head
+    # each record's head gradient is clipped on its own norm: the sum of 8 is at most 8 C
+    per, _ = per_sample_gradients(model, theta, x, y)
+    summed, norms = clip_and_sum({k: per[k] for k in head}, max_grad_norm=clip)
+    for k in head:
+        torch.testing.assert_close(rel.grads[k] * q * n, summed[k], atol=1e-6, rtol=1e-5)
+    total = math.sqrt(sum(float((rel.grads[k] * q * n).pow(2).sum()) for k in head))
+    assert total <= 8 * clip + 1e-4 and (norms > clip).any()  # the bound binds somewhere
+    noisy = private_gradient_fn(model, spec(sigma, clip), num_records=n, sample_rate=q,
+                                generator=torch.Generator().manual_seed(1))
+    draws = torch.cat([torch.cat([v.flatten() for v in noisy(theta, batch(0), False, head).grads.values()])
+                       for _ in range(200)])
+    assert draws.numel() == 200 * sum(theta[k].numel() for k in head)
+    assert abs(float(draws.std()) / (sigma * clip / (q * n)) - 1) < 0.03
