@@ -22,7 +22,8 @@ The experiment file (TOML):
     [[method]]              # name, kind = "federated" (default) | "local" | "centralised",
     name = "fomaml"         # epsilons (default: the file's), run-config (this method's own settings)
     [centralised]           # required with a centralised method: epochs, lr, batch-size
-    [quick]                 # what --quick replaces (seeds, epsilons, shots, run-config, ...)
+    methods = ["fomaml", "fedavg"]  # optional: a subset of the methods by name (the hospital alone always runs)
+    [quick]                 # what --quick replaces (seeds, epsilons, shots, methods, run-config, ...)
 
 Every other setting comes from pyproject's `[tool.flwr.app.config]` (`server.run_config.app_config`):
 the harness has no defaults of its own.
@@ -97,6 +98,8 @@ def load_experiment(path: Path, *, quick: bool) -> dict[str, Any]:
         if m["kind"] not in KINDS:
             raise ValueError(f"method {m.get('name')!r}: kind must be one of {KINDS}")
         m["epsilons"] = [_eps(e) for e in m.get("epsilons", raw["epsilons"])] if m["kind"] == "federated" else [INF]
+    if "methods" in raw:  # e.g. in [quick]: a subset of the methods by name
+        raw["method"] = select_methods(raw["method"], raw["methods"])
     if any(m["kind"] == "centralised" for m in raw["method"]):
         missing = {"epochs", "lr", "batch-size"} - set(raw.get("centralised", {}))
         if missing:
@@ -111,6 +114,16 @@ def method_run_config(base: Mapping[str, Any], method: Mapping[str, Any], eps: f
         if rc["dp"]:
             rc["target-epsilon"] = eps
     return rc
+
+
+def select_methods(methods: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    """The methods named (unknown names are an error), plus the hospital alone (kind local), which
+    every table pairs against."""
+    known = {m["name"] for m in methods}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; the file has {sorted(known)}")
+    return [m for m in methods if m["name"] in names or m["kind"] == "local"]
 
 
 def cell_run_config(exp: Mapping[str, Any], dataset: str, alpha: float, seed: int) -> dict[str, Any]:
@@ -451,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only-dataset", default=None)
     ap.add_argument("--only-alphas", default=None, help="comma-separated subset of the file's dirichlet-alphas")
     ap.add_argument("--only-epsilons", default=None, help="comma-separated subset of the epsilons (inf for no DP)")
+    ap.add_argument("--only-methods", default=None, help="comma-separated subset of the file's method names "
+                                                            "(the hospital alone, the reference, always runs)")
     ap.add_argument("--only-seeds", default=None, help="comma-separated subset of the file's seeds (to split a run "
                                                           "over processes; --merge joins the parts)")
     ap.add_argument("--merge", type=Path, nargs="*", default=None,
@@ -461,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         exp = load_experiment(args.experiment, quick=args.quick)
+        if args.only_methods:
+            exp["method"] = select_methods(exp["method"], args.only_methods.split(","))
     except (OSError, ValueError, tomllib.TOMLDecodeError) as err:
         print(f"compare: {err}", file=sys.stderr)
         return 2
