@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shlex
 import sys
 import time
@@ -51,28 +50,20 @@ THREAT_MODEL = (
 )
 
 
-def participation(cfg: Config, num_training: int) -> list[list[int]]:
-    """The training hospitals (indices) the strategy samples in each round, from the run's seed."""
-    rng = random.Random(cfg.seed)
-    k = min(cfg.clients_per_round, num_training)
-    return [sorted(rng.sample(range(num_training), k)) for _ in range(cfg.num_server_rounds)]
-
-
 def run_audit(cfg: Config, *, num_canaries: int, guess_fraction: float, canary_hospital: int | None,
               audit_seed: int, confidence: float, canary_norm: float | None = None) -> dict[str, Any]:
     """Train with canaries at one hospital, score and guess them, and return the audit record."""
-    import numpy as np
     import torch
 
-    from common.aggregate import InvalidUpdate, OuterOptimizer, validate_update, weighted_mean
     from common.audit import (
         AuditError, canary_per_sample_fn, count_correct, draw_canaries, epsilon_lower_bound, flatten, guess,
         with_canaries,
     )
-    from common.hospital import new_model, noise_multiplier_for, train_round
+    from common.hospital import new_model, noise_multiplier_for
     from common.model import get_params
-    from common.privacy import PrivacyLedger, sample_rate
+    from common.privacy import sample_rate
     from common.hospital import sites_for
+    from simulations.experiments.local_loop import meta_train, participation
 
     if not cfg.first_order:
         raise AuditError("algorithm 'maml' differentiates through the inner loop, so a record's gradient is not a "
@@ -107,33 +98,18 @@ def run_audit(cfg: Config, *, num_canaries: int, guess_fraction: float, canary_h
     if not joined:
         raise AuditError(f"hospital {canary_hospital} is never sampled in {cfg.num_server_rounds} rounds; "
                          "raise num-server-rounds or clients-per-round")
-    opt = OuterOptimizer.for_config(theta, cfg)
-    ledgers = {s.hospital_id: PrivacyLedger(delta=cfg.target_delta) for s in training}
-    shapes = {k: tuple(v.shape) for k, v in theta.items()}
     scores = torch.zeros(num_canaries, dtype=torch.float64)
-    released = declined = 0
-    for rnd in range(1, joined[-1] + 1):
-        updates, weights = [], []
-        for i in schedule[rnd - 1]:
-            site = training[i]
-            out = train_round(cfg, site, opt.params(), ledger=ledgers[site.hospital_id] if cfg.dp else None,
-                              server_round=rnd, per_sample_fn=per_sample_fn if i == pos else None)
-            if out.update is None:
-                declined += 1
-                continue
-            if i == pos:  # the server sees it whether or not it then passes validation
-                scores += flatten(out.update.gradient).double()[coords]
-                released += 1
-            arrays = {k: v.numpy().astype(np.float32) for k, v in out.update.gradient.items()}
-            try:
-                validate_update(arrays, shapes, max_norm=cfg.max_update_norm)
-            except InvalidUpdate:
-                continue
-            updates.append(arrays)
-            weights.append(float(out.num_examples))
-        if len(updates) >= cfg.min_replies:
-            opt.step(weighted_mean(updates, weights))
-        print(f"[audit] round {rnd}/{joined[-1]}: {len(updates)} update(s) aggregated", flush=True)
+    released = 0
+
+    def observe(rnd: int, i: int, out) -> None:  # the server sees it whether or not it then passes validation
+        nonlocal scores, released
+        if i == pos:
+            scores += flatten(out.update.gradient).double()[coords]
+            released += 1
+            print(f"[audit] round {rnd}/{joined[-1]}: update {released} of the canary hospital released", flush=True)
+
+    run = meta_train(cfg, training, rounds=joined[-1], per_sample_fns={pos: per_sample_fn}, on_release=observe)
+    ledgers, declined = run.ledgers, run.declined
 
     guesses = guess(scores.numpy(), num_guesses)
     correct = count_correct(guesses, canaries.included)

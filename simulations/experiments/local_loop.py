@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,10 +20,10 @@ from common.aggregate import InvalidUpdate, OuterOptimizer, validate_update, wei
 from common.config import Config
 from common.adaptation import GridPoint, choose_adaptation
 from common.hospital import (
-    AdaptationScores, Site, adapt_and_score, adaptation_grid_scores, new_model, train_round,
+    AdaptationScores, RoundOutcome, Site, adapt_and_score, adaptation_grid_scores, new_model, train_round,
     validation_hospitals,
 )
-from common.maml import Params
+from common.maml import Params, PerSampleFn
 from common.model import get_params
 from common.privacy import PrivacyLedger
 
@@ -35,27 +36,47 @@ class LocalRun:
     seconds_per_round: list[float] = field(default_factory=list)
     declined: int = 0
     dropped: int = 0
+    ledgers: dict[int, PrivacyLedger] = field(default_factory=dict)
 
 
-def meta_train(cfg: Config, training: list[Site], *, rounds: int | None = None) -> LocalRun:
-    """`rounds` (default `num-server-rounds`) of the outer loop over `training` hospitals."""
+def participation(cfg: Config, num_training: int, rounds: int | None = None) -> list[list[int]]:
+    """The training hospitals (indices) the strategy samples in each round, from the run's seed."""
+    rng = random.Random(cfg.seed)  # the strategy samples hospitals with the same generator
+    k = min(cfg.clients_per_round, num_training)
+    return [sorted(rng.sample(range(num_training), k)) for _ in range(rounds or cfg.num_server_rounds)]
+
+
+def meta_train(
+    cfg: Config,
+    training: list[Site],
+    *,
+    rounds: int | None = None,
+    per_sample_fns: Mapping[int, PerSampleFn] | None = None,
+    on_release: Callable[[int, int, RoundOutcome], None] | None = None,
+) -> LocalRun:
+    """`rounds` (default `num-server-rounds`) of the outer loop over `training` hospitals.
+
+    Hooks for the privacy audit: `per_sample_fns` maps a training hospital's index to the
+    per-record gradient function its `train_round` uses (canaries), and `on_release(round, index,
+    outcome)` sees every update a hospital releases, as the server does, before validation.
+    """
     theta = get_params(new_model(cfg, training[0].info))
     opt = OuterOptimizer.for_config(theta, cfg)
     ledgers = {s.hospital_id: PrivacyLedger(delta=cfg.target_delta) for s in training}
-    rng = random.Random(cfg.seed)  # the strategy samples hospitals with the same generator
-    run = LocalRun(theta=theta)
+    run = LocalRun(theta=theta, ledgers=ledgers)
     shapes = {k: tuple(v.shape) for k, v in theta.items()}
-    for rnd in range(1, (rounds or cfg.num_server_rounds) + 1):
+    for rnd, chosen in enumerate(participation(cfg, len(training), rounds), 1):
         t0 = time.perf_counter()
-        chosen = sorted(rng.sample(range(len(training)), min(cfg.clients_per_round, len(training))))
         updates, weights, losses = [], [], []
         for i in chosen:
             site = training[i]
             out = train_round(cfg, site, opt.params(), ledger=ledgers[site.hospital_id] if cfg.dp else None,
-                              server_round=rnd)
+                              server_round=rnd, per_sample_fn=(per_sample_fns or {}).get(i))
             if out.update is None:
                 run.declined += 1
                 continue
+            if on_release is not None:
+                on_release(rnd, i, out)
             arrays = {k: v.numpy().astype(np.float32) for k, v in out.update.gradient.items()}
             try:  # the strategy's own check: shapes, finite values, `max-update-norm`
                 validate_update(arrays, shapes, max_norm=cfg.max_update_norm)
