@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pandas as pd
 import pytest
@@ -115,3 +116,18 @@ def test_quick_comparison_end_to_end_spends_the_budget_and_scores_only_test_hosp
     assert set(scores[scores.role == "validation"].hospital) == val
     assert (out / "breastmnist_alpha1_auc_vs_epsilon.png").stat().st_size > 10_000
     assert "## breastmnist" in (out / "results.md").read_text()
+
+
+def test_the_skew_sweep_keeps_its_own_epsilons_when_only_the_skew_alpha_is_run() -> None:
+    """--only-alphas 0.5 must not turn the skew alpha into the main one (which runs every epsilon)."""
+    from simulations.experiments import compare
+
+    path = compare.REPO_ROOT / "simulations" / "experiments" / "compare" / "compare-dp.toml"
+    exp = compare.load_experiment(path, quick=False)
+    assert exp["main-alpha"] == 1.0
+    exp["dirichlet-alphas"] = [0.5]  # what --only-alphas 0.5 leaves
+    by_name = {m["name"]: m for m in exp["method"]}
+    assert compare.epsilons_for(exp, by_name["fomaml"], 0.5) == [8.0]
+    assert compare.epsilons_for(exp, by_name["fomaml"], 1.0) == [1.0, 3.0, 8.0, math.inf]
+    assert compare.epsilons_for(exp, by_name["reptile"], 0.5) == []
+    assert compare.epsilons_for(exp, by_name["local"], 0.5) == [math.inf]

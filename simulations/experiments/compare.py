@@ -89,6 +89,9 @@ def load_experiment(path: Path, *, quick: bool) -> dict[str, Any]:
     # the only defaults: the partition's skew from pyproject, no query cap, no overrides
     raw.setdefault("dirichlet-alphas", [app_config()["dirichlet-alpha"]])
     raw.setdefault("query-cap", 0)
+    # the file's first skew is the main one; the others run each method's `skew-epsilons` only (also
+    # when --only-alphas leaves just a skew alpha)
+    raw["main-alpha"] = float(raw["dirichlet-alphas"][0])
     raw.setdefault("run-config", {})
     raw.setdefault("dataset-run-config", {})
     raw["epsilons"] = [_eps(e) for e in raw["epsilons"]]
@@ -124,6 +127,14 @@ def select_methods(methods: list[dict[str, Any]], names: list[str]) -> list[dict
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; the file has {sorted(known)}")
     return [m for m in methods if m["name"] in names or m["kind"] == "local"]
+
+
+def epsilons_for(exp: Mapping[str, Any], method: Mapping[str, Any], alpha: float) -> list[float]:
+    """The epsilons a method runs at one skew: its own list at the file's main (first) skew, its
+    `skew-epsilons` (when given) at the others, also when --only-alphas leaves just a skew alpha."""
+    if float(alpha) != float(exp["main-alpha"]) and "skew-epsilons" in method:
+        return [_eps(e) for e in method["skew-epsilons"]]
+    return list(method["epsilons"])
 
 
 def cell_run_config(exp: Mapping[str, Any], dataset: str, alpha: float, seed: int) -> dict[str, Any]:
@@ -266,12 +277,8 @@ def run(exp: Mapping[str, Any], *, cache: Path | None, only_dataset: str | None,
                 cfg0 = load_config(rc0)
                 _, held = sites_for(cfg0)
                 val_ids = set(validation_hospitals(cfg0))
-                main_alpha = float(exp["dirichlet-alphas"][0])
                 for method in exp["method"]:
-                    eps_list = method["epsilons"]
-                    if float(alpha) != main_alpha and "skew-epsilons" in method:  # the skew sweep: fewer epsilons
-                        eps_list = [_eps(e) for e in method["skew-epsilons"]]
-                    for eps in eps_list:
+                    for eps in epsilons_for(exp, method, alpha):
                         rc = method_run_config(rc0, method, eps)
                         t0 = time.perf_counter()
                         theta, facts = train(method, rc, cache, exp.get("centralised", {}))
@@ -492,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         for m in exp["method"]:  # the baselines (local, centralised) have no epsilon and always run
             if m["kind"] == "federated":
                 m["epsilons"] = [e for e in m["epsilons"] if e in keep_e]
+                if "skew-epsilons" in m:
+                    m["skew-epsilons"] = [e for e in m["skew-epsilons"] if _eps(e) in keep_e]
     if args.only_seeds:
         keep = {int(v) for v in args.only_seeds.split(",")}
         exp["seeds"] = [s for s in exp["seeds"] if int(s) in keep]
