@@ -430,8 +430,9 @@ def plot(report, out: Path) -> list[Path]:
     per_seed = report.groupby(CELL + ["seed"], sort=False)[["auc_before", "auc_after"]].mean().reset_index()
     for (dataset, alpha), grp in per_seed.groupby(["dataset", "dirichlet_alpha"], sort=False):
         shots = sorted(grp.shots.unique())
-        eps_order = sorted({e for e in grp.epsilon if e != "inf"}, key=float) + ["inf"]
-        fig, axes = plt.subplots(1, len(shots), figsize=(4.2 * len(shots), 3.6), squeeze=False, sharey=True)
+        eps_order = sorted({e for e in grp.epsilon if e != "inf"}, key=float) + (["inf"] if (grp.epsilon == "inf").any()
+                                                                                 else [])
+        fig, axes = plt.subplots(1, len(shots), figsize=(4.2 * len(shots) + 2.0, 3.6), squeeze=False, sharey=True)
         for ax, k in zip(axes[0], shots):
             cell = grp[grp.shots == k]
             for i, (method, m) in enumerate(cell.groupby("method", sort=False)):
@@ -452,7 +453,7 @@ def plot(report, out: Path) -> list[Path]:
             ax.set_title(f"K = {k} per class")
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("test-hospital AUC")
-        axes[0][-1].legend(fontsize=7, loc="lower right")
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         fig.suptitle(f"{dataset}, Dirichlet alpha = {alpha:g}")
         fig.tight_layout()
         path = out / f"{dataset}_alpha{alpha:g}_auc_vs_epsilon.png"
