@@ -57,10 +57,12 @@ How each figure is measured (everything in one run, on this machine, one torch t
   spawn, the server's polling), deployed median − start − floor: it assumes the two ClientApps do not
   overlap, which holds when one core is free (a second job on a 2-core machine).
 - **scale to 10,000**: the same Flower run as **scale** at 10 and at 10,000 registered hospitals, 10
-  per round (none held out, so that 10 of 10 can be sampled), on one synthetic PneumoniaMNIST-format
-  file of 64,000 records (the real one is too small for 10,000 hospitals of >= 4 records) used for
-  both runs, so that only N changes: peak PSS of the tree at 10,000 and the ratio of the steady-state
-  round medians. A run that fails or times out leaves the key ``null`` with the reason beside it.
+  per round (none held out, so that 10 of 10 can be sampled), each on a synthetic PneumoniaMNIST-format
+  file of 6.4 records per hospital (64,000 records for 10,000 hospitals, 64 for 10; the real file is
+  too small for 10,000 hospitals of >= 4 records), so that the hospitals and the work of a round are
+  the same and only N changes: peak PSS of the tree at 10,000 and the ratio of the steady-state round
+  medians. (Until 2026-12-04 both runs shared the 64,000-record file, so the 10 hospitals of the
+  smaller run held 6,400 records each and its rounds were the heavier ones: a ratio of 0.27.) A run that fails or times out leaves the key ``null`` with the reason beside it.
 """
 
 from __future__ import annotations
@@ -101,7 +103,16 @@ SCALE_RUN_CONFIG = {
 }
 # Only N changes between the 10- and the 10,000-hospital runs: 10 of 10 training hospitals per round.
 SCALE_10000_OVERRIDES = {"num-held-out": 0, "clients-per-round": 10}
-SYNTHETIC_RECORDS = (60_000, 2_000, 2_000)  # train, val, test
+# Every hospital of the scale runs holds the same number of records at every N (64,000 records for
+# 10,000 hospitals; 64 for 10), so that only the number of registered hospitals changes.
+SCALE_RECORDS_PER_HOSPITAL = 6.4
+
+
+def synthetic_records(num_hospitals: int) -> tuple[int, int, int]:
+    """(train, val, test) sizes of the synthetic file for `num_hospitals` hospitals (the loader pools them)."""
+    total = round(SCALE_RECORDS_PER_HOSPITAL * num_hospitals)
+    held = total // 32
+    return total - 2 * held, held, held
 
 # Deployed vs simulated: tests/test_deployment.py's run, with more rounds for a steady state.
 DEPLOY_RUN_CONFIG = {"num-hospitals": 3, "num-held-out": 1, "clients-per-round": 2, "min-replies": 2,
@@ -527,11 +538,13 @@ def write_synthetic_npz(path: Path, *, n: Sequence[int], n_classes: int = 2, siz
 
 
 def bench_scale_10000(*, rounds: int, num_cpus: int, timeout: float) -> dict[str, Any]:
-    """Flower runs at 10 and 10,000 registered hospitals (10 per round) on one synthetic file."""
-    out: dict[str, Any] = {"records": sum(SYNTHETIC_RECORDS), "overrides": SCALE_10000_OVERRIDES}
-    with tempfile.TemporaryDirectory(prefix="fedmeta-bench-synthetic-") as data_dir:
-        write_synthetic_npz(Path(data_dir) / f"{SCALE_RUN_CONFIG['dataset']}.npz", n=SYNTHETIC_RECORDS)
-        for n in (10, 10_000):
+    """Flower runs at 10 and 10,000 registered hospitals (10 per round), each on a synthetic file with the
+    same number of records per hospital (so the same work per round)."""
+    out: dict[str, Any] = {"records_per_hospital": SCALE_RECORDS_PER_HOSPITAL, "overrides": SCALE_10000_OVERRIDES}
+    for n in (10, 10_000):
+        with tempfile.TemporaryDirectory(prefix="fedmeta-bench-synthetic-") as data_dir:
+            write_synthetic_npz(Path(data_dir) / f"{SCALE_RUN_CONFIG['dataset']}.npz", n=synthetic_records(n))
+            out[f"records_{n}"] = sum(synthetic_records(n))
             try:
                 out.update(bench_federation(data_dir, sizes=[n], rounds=rounds, num_cpus=num_cpus, timeout=timeout,
                                             floor_sizes=(), overrides=SCALE_10000_OVERRIDES))
