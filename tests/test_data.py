@@ -175,8 +175,29 @@ def test_module_imports_stay_clean():
             all_imports.update(n.split(".")[0] for n in names)
             if node in tree.body:
                 top_level.update(n.split(".")[0] for n in names)
-    assert "flwr" not in all_imports and "torchvision" not in all_imports
-    assert "medmnist" in all_imports and "medmnist" not in top_level
+    assert "flwr" not in all_imports and "torchvision" not in all_imports and "medmnist" not in top_level
+
+
+def test_metadata_comes_from_medmnists_info_without_running_the_package():
+    """INFO is medmnist's own, and reading it does not import medmnist's dataset classes (torchvision,
+    PIL, pandas, scikit-learn); once the package is imported, its live dict is used."""
+    code = (
+        "import sys; from common import data\n"
+        "info = data.dataset_info('pneumoniamnist')\n"
+        "assert info.n_channels == 1 and not any(m.startswith('medmnist') for m in sys.modules)\n"
+        "heavy = [m for m in ('torchvision', 'PIL', 'pandas', 'sklearn') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "private = data._info_table()\n"
+        "import medmnist\n"
+        "assert private == medmnist.INFO  # the package's own metadata, value for value\n"
+        "assert data._info_table() is medmnist.INFO  # once imported, the package's live dict\n"
+        "print('ok')\n"
+    )
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(data.__file__).parents[1])
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------- loading synthetic files
