@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from server.run_config import APP_DIR, ConfigProblem, resolve_run_config, validate_run_config
 
 
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m server.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-config", action="append", default=None, help='"key=value ..." as for flwr run')

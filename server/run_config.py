@@ -10,11 +10,10 @@ a default lives only in pyproject.toml.
 from __future__ import annotations
 
 import os
+import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml, server/, client/, common/
 PATH_KEYS = ("data-dir", "results-dir")

@@ -62,7 +62,8 @@ How each figure is measured (everything in one run, on this machine, one torch t
   too small for 10,000 hospitals of >= 4 records), so that the hospitals and the work of a round are
   the same and only N changes: peak PSS of the tree at 10,000 and the ratio of the steady-state round
   medians. (Until 2026-12-04 both runs shared the 64,000-record file, so the 10 hospitals of the
-  smaller run held 6,400 records each and its rounds were the heavier ones: a ratio of 0.27.) A run that fails or times out leaves the key ``null`` with the reason beside it.
+  smaller run held 6,400 records each and its rounds were the heavier ones: a ratio of 0.27.) A run
+  that fails or times out leaves the key ``null`` with the reason beside it.
 """
 
 from __future__ import annotations
@@ -220,10 +221,9 @@ def bench_dp_round(data_dir: str, *, reps: int) -> dict[str, Any]:
     import common.maml as M
     from common.aggregate import OuterOptimizer, weighted_mean
     from common.config import load_config
-    from common.hospital import new_model, noise_multiplier_for, train_round
+    from common.hospital import new_model, noise_multiplier_for, sites_for, train_round
     from common.model import get_params
     from common.privacy import PrivacyLedger
-    from common.hospital import sites_for
 
     rc = _base_rc(data_dir)  # the README defaults: breastmnist, fomaml, 8 of 8 hospitals, batch 16, eps 8
     cfg_dp = load_config({**rc, "dp": True})

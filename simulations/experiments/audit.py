@@ -9,8 +9,9 @@ it joins). One training hospital (the *canary hospital*, default: the smallest, 
 sampled most often) holds m gradient-space canaries, each included independently with probability
 1/2 (`common.audit`). Training is the run's own: hospitals sampled per round as the strategy samples
 them, `common.hospital.train_round` with the product's clipping, unseeded noise and accounting,
-updates validated and aggregated with `common.aggregate` as `simulations.experiments.local_loop.meta_train`
-does; only rounds after the canary hospital's last round are skipped (they release nothing of it).
+updates validated and aggregated by `simulations.experiments.local_loop.meta_train` itself (the
+audit observes every released update through its `on_release` hook); only rounds after the canary
+hospital's last round are skipped (they release nothing of it).
 A canary's score is the sum, over the canary hospital's released updates, of the update at its
 coordinate; the auditor guesses "in" for the top r/2 scores and "out" for the bottom r/2
 (r = guess-fraction · m, fixed before training) and turns the number of correct guesses into a
@@ -31,12 +32,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from server.run_config import APP_DIR as REPO_ROOT
 from server.run_config import ConfigProblem, parse_overrides, resolve_run_config, validate_run_config
 
 if TYPE_CHECKING:
     from common.config import Config
 
-from server.run_config import APP_DIR as REPO_ROOT
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "medmnist"
 QUICK = {"dataset": "pneumoniamnist", "num-server-rounds": 3}
 QUICK_CANARIES = 200
@@ -59,10 +60,9 @@ def run_audit(cfg: Config, *, num_canaries: int, guess_fraction: float, canary_h
         AuditError, canary_per_sample_fn, count_correct, draw_canaries, epsilon_lower_bound, flatten, guess,
         with_canaries,
     )
-    from common.hospital import new_model, noise_multiplier_for
+    from common.hospital import new_model, noise_multiplier_for, sites_for
     from common.model import get_params
     from common.privacy import sample_rate
-    from common.hospital import sites_for
     from simulations.experiments.local_loop import meta_train, participation
 
     if not cfg.first_order:

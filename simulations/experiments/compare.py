@@ -101,6 +101,8 @@ def load_experiment(path: Path, *, quick: bool) -> dict[str, Any]:
         if m["kind"] not in KINDS:
             raise ValueError(f"method {m.get('name')!r}: kind must be one of {KINDS}")
         m["epsilons"] = [_eps(e) for e in m.get("epsilons", raw["epsilons"])] if m["kind"] == "federated" else [INF]
+        if "skew-epsilons" in m:
+            m["skew-epsilons"] = [_eps(e) for e in m["skew-epsilons"]]
     if "methods" in raw:  # e.g. in [quick]: a subset of the methods by name
         raw["method"] = select_methods(raw["method"], raw["methods"])
     if any(m["kind"] == "centralised" for m in raw["method"]):
@@ -133,7 +135,7 @@ def epsilons_for(exp: Mapping[str, Any], method: Mapping[str, Any], alpha: float
     """The epsilons a method runs at one skew: its own list at the file's main (first) skew, its
     `skew-epsilons` (when given) at the others, also when --only-alphas leaves just a skew alpha."""
     if float(alpha) != float(exp["main-alpha"]) and "skew-epsilons" in method:
-        return [_eps(e) for e in method["skew-epsilons"]]
+        return list(method["skew-epsilons"])
     return list(method["epsilons"])
 
 
@@ -154,8 +156,7 @@ def train(method: Mapping[str, Any], rc: Mapping[str, Any], cache: Path | None, 
 
     from common.baselines import random_init, train_centralised
     from common.config import load_config
-    from common.hospital import new_model, noise_multiplier_for
-    from common.hospital import sites_for
+    from common.hospital import new_model, noise_multiplier_for, sites_for
     from simulations.experiments.local_loop import meta_train
 
     kind = method["kind"]
@@ -262,8 +263,7 @@ def run(exp: Mapping[str, Any], *, cache: Path | None, only_dataset: str | None,
     import torch
 
     from common.config import load_config
-    from common.hospital import validation_hospitals
-    from common.hospital import sites_for
+    from common.hospital import sites_for, validation_hospitals
 
     torch.set_num_threads(1)
     shots = [int(k) for k in exp["shots"]]
@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
             if m["kind"] == "federated":
                 m["epsilons"] = [e for e in m["epsilons"] if e in keep_e]
                 if "skew-epsilons" in m:
-                    m["skew-epsilons"] = [e for e in m["skew-epsilons"] if _eps(e) in keep_e]
+                    m["skew-epsilons"] = [e for e in m["skew-epsilons"] if e in keep_e]
     if args.only_seeds:
         keep = {int(v) for v in args.only_seeds.split(",")}
         exp["seeds"] = [s for s in exp["seeds"] if int(s) in keep]

@@ -35,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from common.adaptation import AS_IS, score_grid
     from common.baselines import kshot_draws
-    from common.hospital import new_model, validation_hospitals
-    from common.hospital import sites_for
+    from common.hospital import new_model, sites_for, validation_hospitals
     from simulations.experiments.local_loop import meta_train
 
     torch.set_num_threads(1)
