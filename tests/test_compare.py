@@ -99,10 +99,12 @@ def test_quick_comparison_end_to_end_spends_the_budget_and_scores_only_test_hosp
     from simulations.experiments.compare import REPO_ROOT, cell_run_config, load_experiment
 
     path = REPO_ROOT / "simulations" / "experiments" / "compare" / "compare-dp.toml"
-    out = tmp_path / "quick"
-    proc = subprocess.run([sys.executable, "-m", "simulations.experiments.compare", str(path), "--quick",
-                           "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    out = tmp_path / "compare-dp-quick"  # --quick without --out: the current folder, never docs/results
+    committed = sorted(p.name for p in (REPO_ROOT / "docs" / "results").iterdir())
+    proc = subprocess.run([sys.executable, "-m", "simulations.experiments.compare", str(path), "--quick"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (REPO_ROOT / "docs" / "results").iterdir()) == committed
     runs = pd.read_csv(out / "runs.csv")
     fed = runs[runs.method != "local"]
     assert len(fed) == 2 and (fed.max_epsilon <= 8.0).all() and (fed.max_epsilon > 7.9).all()

@@ -28,7 +28,8 @@ The experiment file (TOML):
 Every other setting comes from pyproject's `[tool.flwr.app.config]` (`server.run_config.app_config`):
 the harness has no defaults of its own.
 
-Outputs in DIR (default ``docs/results/<name>``; ``<name>-quick`` with ``--quick``): ``scores.csv``
+Outputs in DIR (default ``docs/results/<name>``; with ``--quick`` ``./<name>-quick`` in the current
+folder, never under ``docs/results``): ``scores.csv``
 (every seed x method x epsilon x hospital x K x draw x grid point), ``runs.csv`` (one row per trained
 initialisation), ``results.md`` (tables: mean +- std over seeds; paired differences on the same
 test draws with 95% t-intervals over seeds), one plot per dataset and skew
@@ -489,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, tomllib.TOMLDecodeError) as err:
         print(f"compare: {err}", file=sys.stderr)
         return 2
-    out = args.out or REPO_ROOT / "docs" / "results" / (exp["name"] + ("-quick" if args.quick else ""))
+    # a quick run never writes under docs/results: ./<name>-quick in the current folder
+    out = args.out or (Path(exp["name"] + "-quick") if args.quick else REPO_ROOT / "docs" / "results" / exp["name"])
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m simulations.experiments.compare " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     if args.only_alphas:
