@@ -67,15 +67,26 @@ class OuterOptimizer:
     serves all: ``sgd`` at lr 1 without momentum is FedAvg's / Reptile's plain mean step, ``sgd``
     with `momentum` is FedAvgM, ``adam`` is FedAdam (Reddi et al. 2021). The same object drives the
     Flower strategy and the in-process loop; its state lives across rounds (`state_dict`).
+
+    With `average_decay` > 0 it also keeps an exponential moving average of theta over the rounds
+    (the running mean of the iterates until ``1 / (1 - decay)`` steps are taken, then exponential),
+    which is what `released` returns: the model held-out hospitals adapt and the run saves. Training
+    goes on from theta itself. The average only post-processes the aggregated DP updates, so it
+    costs no privacy.
     """
 
     theta: dict[str, torch.Tensor]
     kind: str
     lr: float
     momentum: float = 0.0
+    average_decay: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.average_decay < 1.0:
+            raise ValueError(f"average_decay must be in [0, 1), got {self.average_decay}")
         self.theta = {k: v.detach().clone().requires_grad_(True) for k, v in self.theta.items()}
+        self.steps = 0
+        self._average: dict[str, torch.Tensor] | None = None
         params = list(self.theta.values())
         if self.kind == "adam":
             self._opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=self.lr)
@@ -87,19 +98,40 @@ class OuterOptimizer:
     @classmethod
     def for_config(cls, theta: Params, cfg) -> "OuterOptimizer":
         """The run's outer optimiser (`meta-optimizer`, `meta-lr`, `server-momentum`)."""
-        return cls(theta, kind=cfg.meta_optimizer, lr=cfg.meta_lr, momentum=cfg.server_momentum)
+        return cls(theta, kind=cfg.meta_optimizer, lr=cfg.meta_lr, momentum=cfg.server_momentum,
+                   average_decay=cfg.theta_average)
 
     def step(self, gradient: Mapping[str, np.ndarray]) -> None:
         for k, p in self.theta.items():
             p.grad = torch.from_numpy(np.array(gradient[k], dtype=np.float32))
         self._opt.step()
         self._opt.zero_grad(set_to_none=True)
+        self.steps += 1
+        if self.average_decay > 0.0:
+            b = min(self.average_decay, 1.0 - 1.0 / self.steps)
+            now = self.params()
+            self._average = now if self._average is None else {
+                k: b * self._average[k] + (1.0 - b) * now[k] for k in now}
 
     def params(self) -> Params:
+        """Theta, the point training continues from."""
         return {k: v.detach().clone() for k, v in self.theta.items()}
 
+    def released(self) -> Params:
+        """The model held-out hospitals adapt and the run saves: the average of theta when
+        `average_decay` > 0 (theta itself before the first step), else theta."""
+        if self._average is None:
+            return self.params()
+        return {k: v.clone() for k, v in self._average.items()}
+
     def state_dict(self) -> dict:
-        return self._opt.state_dict()
+        return {"optimizer": self._opt.state_dict(), "steps": self.steps,
+                "average": None if self._average is None else {k: v.clone() for k, v in self._average.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self._opt.load_state_dict(state)
+        self._opt.load_state_dict(state["optimizer"])
+        self.steps = int(state["steps"])
+        avg = state["average"]
+        if avg is not None and set(avg) != set(self.theta):
+            raise ValueError("the checkpoint's averaged model does not match this run's model")
+        self._average = None if avg is None else {k: v.detach().clone() for k, v in avg.items()}

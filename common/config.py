@@ -48,6 +48,7 @@ class Config:
     meta_lr: float
     meta_optimizer: str
     server_momentum: float
+    theta_average: float
     batch_size: int
     dp: bool
     noise_multiplier: float
@@ -217,6 +218,7 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
         meta_lr=_float(rc, "meta_lr", lo=0.0),
         meta_optimizer=_choice(rc, "meta_optimizer", META_OPTIMIZERS),
         server_momentum=_float(rc, "server_momentum", lo=0.0, hi=0.999, lo_open=False),
+        theta_average=_float(rc, "theta_average", lo=0.0, hi=0.99, lo_open=False),
         batch_size=_int(rc, "batch_size", lo=1),
         dp=_bool(rc, "dp"),
         noise_multiplier=_float(rc, "noise_multiplier", lo=0.0, lo_open=False),

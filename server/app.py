@@ -270,7 +270,7 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
         if rep.dropped or silent:
             entry["dropped_reasons"] = rep.dropped + [f"{who}: no reply within round-timeout" for who in silent]
         if strategy.held_out_nodes and (rnd % cfg.eval_every == 0 or rnd == cfg.num_server_rounds):
-            ev = evaluate_held_out(grid, cfg, strategy, rnd, arrays)
+            ev = evaluate_held_out(grid, cfg, strategy, rnd, to_array_record(strategy.optimizer.released()))
             if ev is not None:
                 last_eval = dict(ev)
                 entry.update({"accuracy": last_eval[P.ACCURACY], "auc": last_eval[P.AUC],
@@ -303,7 +303,7 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
                             "adaptation": last_eval.get("adaptation", _adaptation(cfg, strategy))}
     summary["wall_seconds"] = elapsed + time.monotonic() - t_start
     summary["status"] = "completed"
-    save_model(results / "model.pt", arrays)
+    save_model(results / "model.pt", to_array_record(strategy.optimizer.released()))
     plot_curves(summary, results / "curves.png")
     write_json_atomic(results / "summary.json", summary)
     log.info("finished %d rounds in %.1fs; results in %s", cfg.num_server_rounds, summary["wall_seconds"], results)

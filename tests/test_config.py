@@ -30,6 +30,8 @@ def test_pyproject_defaults_are_valid() -> None:
     ("inner-lr", float("nan"), "'inner-lr' = nan"),
     ("min-replies", 9, "'min-replies' = 9: must be <= 'clients-per-round' = 8"),
     ("dataset", "", "must be a non-empty string"),
+    ("theta-average", 1.0, "'theta-average' = 1.0: must be >= 0.0 and <= 0.99"),
+    ("theta-average", -0.1, "'theta-average' = -0.1: must be >= 0.0"),
 ])
 def test_bad_values_name_key_value_and_allowed(key, value, fragment) -> None:
     with pytest.raises(ConfigError) as err:
@@ -67,3 +69,22 @@ def test_a_head_only_inner_loop_needs_a_query_step() -> None:
             load_config({**rc, "algorithm": algo, "inner-params": "head"})
     with pytest.raises(ConfigError, match="inner-params"):
         load_config({**rc, "inner-params": "body"})
+
+
+def test_the_readme_documents_every_key_with_its_default() -> None:
+    """The README's run-config table and `[tool.flwr.app.config]` must not drift apart."""
+    import re
+    import tomllib
+
+    from conftest import REPO
+
+    defaults = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    rows = dict(re.findall(r"^\| `([a-z-]+)` \| ([^|]+) \|", (REPO / "README.md").read_text(), re.M))
+    assert set(defaults) <= set(rows), f"undocumented keys: {sorted(set(defaults) - set(rows))}"
+    for key, value in defaults.items():
+        shown = rows[key].strip().strip("`")
+        want = ("true" if value else "false") if isinstance(value, bool) else value
+        if isinstance(want, (int, float)):
+            assert float(shown) == float(want), (key, shown, want)
+        else:
+            assert shown == (want or '""'), (key, shown, want)

@@ -210,9 +210,10 @@ def test_hospital_killed_mid_round_round_completes_and_it_rejoins_with_its_epsil
 
 def test_server_killed_mid_run_resumes_to_the_same_model(medmnist_dir, tmp_path, flower_log) -> None:
     """Without DP everything is seeded: a run killed after round 2 and resumed with resume=true ends
-    with exactly the model, rounds and figures of an uninterrupted run."""
+    with exactly the model, rounds and figures of an uninterrupted run (the saved model is theta's
+    average over the rounds, so the average is in the checkpoint too)."""
     rc = small_rc(medmnist_dir, tmp_path, **{"dp": False, "num-server-rounds": 4, "eval-every": 2,
-                                             "clients-per-round": 2, "min-replies": 1})
+                                             "clients-per-round": 2, "min-replies": 1, "theta-average": 0.5})
     whole = run_federation(InProcessGrid(rc, nodes_for(rc, tmp_path)), load_config(rc))
     model_whole = torch.load(Path(rc["results-dir"]) / "model.pt", weights_only=True)
 

@@ -81,13 +81,15 @@ def assert_same(summary: dict, theta_flower: dict, cfg) -> None:
         assert eps == pytest.approx(local.epsilons, abs=1e-12)
 
 
-@pytest.mark.parametrize(("algorithm", "dp"), [("fomaml", False), ("fomaml", True), ("reptile", True),
-                                               ("fedavg", True)])
-def test_local_loop_equals_the_flower_apps(medmnist_dir, tmp_path, monkeypatch, algorithm, dp) -> None:
+@pytest.mark.parametrize(("algorithm", "dp", "average"), [("fomaml", False, 0.0), ("fomaml", True, 0.0),
+                                                          ("reptile", True, 0.0), ("fedavg", True, 0.0),
+                                                          ("fedavg", True, 0.5)])
+def test_local_loop_equals_the_flower_apps(medmnist_dir, tmp_path, monkeypatch, algorithm, dp, average) -> None:
     if dp:  # one injected generator for both paths, re-seeded per call (the product's are never seeded)
         monkeypatch.setattr(H, "secure_rng", lambda: np.random.default_rng(1234))
         monkeypatch.setattr(H, "secure_generator", lambda: torch.Generator().manual_seed(5678))
-    rc = rc_for(medmnist_dir, tmp_path, algorithm=algorithm, dp=dp, **({"inner-steps": 2} if algorithm == "reptile" else {}))
+    rc = rc_for(medmnist_dir, tmp_path, algorithm=algorithm, dp=dp, **{"theta-average": average},
+                **({"inner-steps": 2} if algorithm == "reptile" else {}))
     cfg = load_config(rc)
     grid = InProcessGrid(rc, {100 + h: {"partition-id": h, "num-partitions": cfg.num_hospitals}
                               for h in range(cfg.num_hospitals)})
@@ -100,11 +102,11 @@ def test_local_loop_equals_the_flower_apps(medmnist_dir, tmp_path, monkeypatch, 
 def test_local_loop_equals_a_flower_simulation_without_dp(medmnist_dir, tmp_path) -> None:
     """Flower's simulation engine (SuperLink + Ray actors, one process per actor) against the local loop."""
     res = tmp_path / "results"
-    rc = rc_for(medmnist_dir, tmp_path, dp=False, algorithm="fomaml")
+    rc = rc_for(medmnist_dir, tmp_path, dp=False, algorithm="fomaml", **{"theta-average": 0.5})
     overrides = " ".join(f"{k}={json.dumps(rc[k])}" for k in (
         "data-dir", "results-dir", "dataset", "num-hospitals", "num-held-out", "clients-per-round", "min-replies",
         "num-server-rounds", "eval-every", "inner-steps", "local-meta-steps", "local-lr", "meta-optimizer",
-        "meta-lr", "server-momentum", "tune-adaptation", "adapt-steps", "adapt-lr", "dp", "algorithm"))
+        "meta-lr", "server-momentum", "theta-average", "tune-adaptation", "adapt-steps", "adapt-lr", "dp", "algorithm"))
     out = subprocess.run([sys.executable, "-m", "simulations.run", "--timeout", "600", "--run-config", overrides],
                          cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=700)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

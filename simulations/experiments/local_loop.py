@@ -30,7 +30,7 @@ from common.privacy import PrivacyLedger
 
 @dataclass
 class LocalRun:
-    theta: Params
+    theta: Params                  # the released model (`OuterOptimizer.released`: theta, or its average)
     meta_losses: list[float] = field(default_factory=list)
     epsilons: dict[int, float] = field(default_factory=dict)
     seconds_per_round: list[float] = field(default_factory=list)
@@ -90,7 +90,7 @@ def meta_train(
             opt.step(weighted_mean(updates, weights))
             run.meta_losses.append(float(np.average(losses, weights=weights)))
         run.seconds_per_round.append(time.perf_counter() - t0)
-    run.theta = opt.params()
+    run.theta = opt.released()
     run.epsilons = {h: led.epsilon() for h, led in ledgers.items()} if cfg.dp else {}
     return run
 
