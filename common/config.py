@@ -16,6 +16,7 @@ from common.algorithms import ALGORITHMS, Algorithm
 META_OPTIMIZERS = ("adam", "sgd")
 ADAPT_METHODS = ("sgd", "clipped-sgd", "adam")
 INNER_PARAMS = ("all", "head")
+ACTIVATIONS = ("relu", "tanh")  # common.model.ACTIVATIONS (config stays free of torch)
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,7 @@ class Config:
     num_held_out: int
     dirichlet_alpha: float
     size_alpha: float
+    activation: str
     num_server_rounds: int
     clients_per_round: int
     min_replies: int
@@ -204,6 +206,7 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
         num_held_out=_int(rc, "num_held_out", lo=0),
         dirichlet_alpha=_float(rc, "dirichlet_alpha", lo=0.0),
         size_alpha=_float(rc, "size_alpha", lo=0.0),
+        activation=_choice(rc, "activation", ACTIVATIONS),
         num_server_rounds=_int(rc, "num_server_rounds", lo=1),
         clients_per_round=_int(rc, "clients_per_round", lo=1),
         min_replies=_int(rc, "min_replies", lo=1),

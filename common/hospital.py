@@ -89,7 +89,8 @@ def _partition(cfg: Config, ds: D.MedMNISTData) -> tuple[np.ndarray, ...]:
 
 
 def new_model(cfg: Config, info: D.DatasetInfo) -> SmallCNN:
-    return build_model(in_channels=info.n_channels, num_classes=info.n_classes, seed=cfg.seed)
+    return build_model(in_channels=info.n_channels, num_classes=info.n_classes, seed=cfg.seed,
+                       activation=cfg.activation)
 
 
 def param_shapes(info: D.DatasetInfo) -> tuple[tuple[str, tuple[int, ...]], ...]:

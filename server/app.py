@@ -211,7 +211,8 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
     `resume=true` a run continues after the last checkpointed round (see `server.checkpoint`).
     """
     info = dataset_info(cfg.dataset, cfg.image_size)  # metadata only; the server never reads patient data
-    theta = get_params(build_model(in_channels=info.n_channels, num_classes=info.n_classes, seed=cfg.seed))
+    theta = get_params(build_model(in_channels=info.n_channels, num_classes=info.n_classes, seed=cfg.seed,
+                                   activation=cfg.activation))
     results = Path(cfg.results_dir).expanduser()
     ckpt_folder = Path(cfg.checkpoint_folder).expanduser()
 

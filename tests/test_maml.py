@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -203,3 +204,20 @@ def test_anil_inner_loop_adapts_the_head_alone_and_the_query_gradient_reaches_th
     local_meta_update(theta, algorithm="fomaml", episodes=[Episode([sup, sup], qry)] * 3, inner_lr=0.1,
                       local_lr=0.5, gradient_fn=counting, model=model, inner_names=head)
     assert calls == [head, head, None] * 3
+
+
+def test_the_activation_changes_the_function_but_no_weight() -> None:
+    from common.config import ACTIVATIONS as CONFIG_ACTIVATIONS
+    from common.model import ACTIVATIONS
+
+    assert set(CONFIG_ACTIVATIONS) == set(ACTIVATIONS)
+    relu = build_model(in_channels=1, num_classes=2, seed=3)
+    tanh = build_model(in_channels=1, num_classes=2, seed=3, activation="tanh")
+    for (k, a), (k2, b) in zip(relu.named_parameters(), tanh.named_parameters()):
+        assert k == k2 and torch.equal(a, b)
+    assert sum(isinstance(m, torch.nn.Tanh) for m in tanh.modules()) == 3
+    assert not any(isinstance(m, torch.nn.ReLU) for m in tanh.modules())
+    x = torch.randn(4, 1, 28, 28)
+    assert not torch.allclose(relu(x), tanh(x))
+    with pytest.raises(ValueError, match="unknown activation"):
+        build_model(in_channels=1, num_classes=2, seed=3, activation="gelu")
