@@ -59,6 +59,18 @@ def weighted_mean(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence
     }
 
 
+def moving_average(previous: Params | None, theta: Params, *, decay: float, step: int) -> Params:
+    """The server's average of theta after outer step `step` (1-based), from the one before.
+
+    Weight ``min(decay, 1 - 1/step)`` on the old average: the running mean of the iterates until
+    ``1 / (1 - decay)`` steps are taken, then an exponential moving average.
+    """
+    if previous is None or step <= 1:
+        return {k: v.detach().clone() for k, v in theta.items()}
+    b = min(decay, 1.0 - 1.0 / step)
+    return {k: b * previous[k] + (1.0 - b) * theta[k] for k in theta}
+
+
 @dataclass
 class OuterOptimizer:
     """The server's outer (meta) step on theta from the mean pseudo meta-gradient of the round.
@@ -69,8 +81,7 @@ class OuterOptimizer:
     Flower strategy and the in-process loop; its state lives across rounds (`state_dict`).
 
     With `average_decay` > 0 it also keeps an exponential moving average of theta over the rounds
-    (the running mean of the iterates until ``1 / (1 - decay)`` steps are taken, then exponential),
-    which is what `released` returns: the model held-out hospitals adapt and the run saves. Training
+    (`moving_average`), which is what `released` returns: the model held-out hospitals adapt and the run saves. Training
     goes on from theta itself. The average only post-processes the aggregated DP updates, so it
     costs no privacy.
     """
@@ -108,10 +119,7 @@ class OuterOptimizer:
         self._opt.zero_grad(set_to_none=True)
         self.steps += 1
         if self.average_decay > 0.0:
-            b = min(self.average_decay, 1.0 - 1.0 / self.steps)
-            now = self.params()
-            self._average = now if self._average is None else {
-                k: b * self._average[k] + (1.0 - b) * now[k] for k in now}
+            self._average = moving_average(self._average, self.params(), decay=self.average_decay, step=self.steps)
 
     def params(self) -> Params:
         """Theta, the point training continues from."""

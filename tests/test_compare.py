@@ -133,3 +133,33 @@ def test_the_skew_sweep_keeps_its_own_epsilons_when_only_the_skew_alpha_is_run()
     assert compare.epsilons_for(exp, by_name["fomaml"], 1.0) == [1.0, 3.0, 8.0, math.inf]
     assert compare.epsilons_for(exp, by_name["reptile"], 0.5) == []
     assert compare.epsilons_for(exp, by_name["local"], 0.5) == [math.inf]
+
+
+def test_the_lever_study_scores_several_averages_of_one_run(tmp_path) -> None:
+    """`levers --averages`: one training run, each decay scored on the validation hospitals; decay 0 is
+    theta itself (the same figures as a run without `--averages`'s extra decays); a bad decay is refused
+    before any training."""
+    import json
+    import subprocess
+    import sys
+
+    from simulations.experiments.compare import REPO_ROOT
+
+    tiny = ("data-dir='../shared/data/medmnist' num-server-rounds=3 local-meta-steps=2 num-hospitals=6 "
+            "num-held-out=2 clients-per-round=4 dp=false")
+    cmd = [sys.executable, "-m", "simulations.experiments.levers", "--draws", "1", "--shots", "3"]
+    bad = subprocess.run([*cmd, "--averages", "0.5,1.0", "--run-config", tiny], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "every decay must be in [0, 1)" in bad.stderr and not bad.stdout
+    out = subprocess.run([*cmd, "--averages", "0,0.9", "--run-config", tiny,
+                          "--run-config", f"results-dir='{tmp_path}'"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout)["theta_average"]
+    assert set(rows) == {"0.0", "0.9"}
+    # without DP the training is seeded: decay 0 must be what a plain run releases
+    plain = subprocess.run([*cmd, "--run-config", tiny, "--run-config", f"results-dir='{tmp_path}'"],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert json.loads(plain.stdout)["auc_as_is"] == rows["0.0"]["auc_as_is"]
+    assert rows["0.9"]["auc_as_is"] != rows["0.0"]["auc_as_is"]  # the average is another model

@@ -6,6 +6,10 @@ How the defaults were chosen (issue 8): the apps' own computation (`local_loop.m
 the **validation** hospitals only (`common.hospital.validation_hospitals`; test hospitals are never
 looked at), K = 10 per class, 3 support draws each: AUC of theta as is and the three best points of
 the adaptation grid. Prints one JSON line.
+
+`--averages 0,0.5,0.7` scores several server averages of theta (`theta-average`) from the one
+training run: the average is post-processing of the same iterates, so each figure is what a run
+with that `theta-average` would release (training itself does not depend on it).
 """
 
 from __future__ import annotations
@@ -23,17 +27,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-config", action="append", default=None)
     ap.add_argument("--shots", type=int, default=10)
     ap.add_argument("--draws", type=int, default=3)
+    ap.add_argument("--averages", default=None,
+                    help="comma-separated theta-average decays to score from the one run (default: the run config's)")
     args = ap.parse_args(argv)
     try:
         fused, overrides = resolve_run_config(APP_DIR, args.run_config)
         cfg = validate_run_config({**fused, "tune-adaptation": True})
-    except ConfigProblem as err:
+        decays = [cfg.theta_average] if args.averages is None else [float(d) for d in args.averages.split(",")]
+    except (ConfigProblem, ValueError) as err:
         print(f"levers: {err}", file=sys.stderr)
+        return 2
+    if not all(0.0 <= d < 1.0 for d in decays):
+        print(f"levers: --averages {args.averages}: every decay must be in [0, 1)", file=sys.stderr)
         return 2
     import numpy as np
     import torch
 
     from common.adaptation import AS_IS, score_grid
+    from common.aggregate import moving_average
     from common.baselines import kshot_draws
     from common.hospital import new_model, sites_for, validation_hospitals
     from simulations.experiments.local_loop import meta_train
@@ -41,23 +52,36 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     training, held = sites_for(cfg)
     val = [s for s in held if s.hospital_id in set(validation_hospitals(cfg))]
+    iterates: list = []
     t0 = time.time()
-    run = meta_train(cfg, training)
+    run = meta_train(cfg, training, on_outer_step=lambda _rnd, theta: iterates.append(theta))
     seconds = time.time() - t0
-    auc: dict = {}
-    for site in val:
-        model = new_model(cfg, site.info)
-        for d in kshot_draws(site.y.numpy(), hospital_id=site.hospital_id, shots=args.shots, draws=args.draws,
-                             seed=cfg.seed):
-            s, q = torch.as_tensor(d.support), torch.as_tensor(d.query)
-            for p, sc in score_grid(model, run.theta, (site.x[s], site.y[s]), (site.x[q], site.y[q]),
-                                    num_classes=site.info.n_classes, max_grad_norm=cfg.max_grad_norm).items():
-                auc.setdefault(p, []).append(sc.auc)
-    means = {p: float(np.nanmean(v)) for p, v in auc.items()}
-    top = sorted(means.items(), key=lambda kv: -kv[1])[:3]
+
+    def scores(theta) -> dict:
+        auc: dict = {}
+        for site in val:
+            model = new_model(cfg, site.info)
+            for d in kshot_draws(site.y.numpy(), hospital_id=site.hospital_id, shots=args.shots, draws=args.draws,
+                                 seed=cfg.seed):
+                s, q = torch.as_tensor(d.support), torch.as_tensor(d.query)
+                for p, sc in score_grid(model, theta, (site.x[s], site.y[s]), (site.x[q], site.y[q]),
+                                        num_classes=site.info.n_classes, max_grad_norm=cfg.max_grad_norm).items():
+                    auc.setdefault(p, []).append(sc.auc)
+        means = {p: float(np.nanmean(v)) for p, v in auc.items()}
+        top = sorted(means.items(), key=lambda kv: -kv[1])[:3]
+        return {"auc_as_is": round(means[AS_IS], 4), "top_adaptations": [[list(p), round(v, 4)] for p, v in top]}
+
+    by_average = {}
+    for decay in decays:
+        released = iterates[-1] if iterates else run.theta  # decay 0: theta itself
+        if decay > 0.0 and iterates:
+            released = None
+            for step, theta in enumerate(iterates, 1):  # the server's average of the run's own iterates
+                released = moving_average(released, theta, decay=decay, step=step)
+        by_average[str(decay)] = scores(released)
     print(json.dumps({"overrides": {k: v for k, v in overrides.items() if k not in ("data-dir",)},
                       "validation_hospitals": [s.hospital_id for s in val], "train_seconds": round(seconds, 1),
-                      "auc_as_is": round(means[AS_IS], 4), "top_adaptations": [[list(p), round(v, 4)] for p, v in top],
+                      **(by_average[str(decays[0])] if len(decays) == 1 else {"theta_average": by_average}),
                       "max_epsilon": round(max(run.epsilons.values()), 3) if run.epsilons else 0.0}))
     return 0
 

@@ -53,12 +53,14 @@ def meta_train(
     rounds: int | None = None,
     per_sample_fns: Mapping[int, PerSampleFn] | None = None,
     on_release: Callable[[int, int, RoundOutcome], None] | None = None,
+    on_outer_step: Callable[[int, Params], None] | None = None,
 ) -> LocalRun:
     """`rounds` (default `num-server-rounds`) of the outer loop over `training` hospitals.
 
     Hooks for the privacy audit: `per_sample_fns` maps a training hospital's index to the
     per-record gradient function its `train_round` uses (canaries), and `on_release(round, index,
     outcome)` sees every update a hospital releases, as the server does, before validation.
+    `on_outer_step(round, theta)` sees theta after every outer step (the lever study averages it).
     """
     theta = get_params(new_model(cfg, training[0].info))
     opt = OuterOptimizer.for_config(theta, cfg)
@@ -88,6 +90,8 @@ def meta_train(
             losses.append(out.update.loss)
         if len(updates) >= cfg.min_replies:
             opt.step(weighted_mean(updates, weights))
+            if on_outer_step is not None:
+                on_outer_step(rnd, opt.params())
             run.meta_losses.append(float(np.average(losses, weights=weights)))
         run.seconds_per_round.append(time.perf_counter() - t0)
     run.theta = opt.released()
