@@ -101,9 +101,11 @@ def test_quick_comparison_end_to_end_spends_the_budget_and_scores_only_test_hosp
     path = REPO_ROOT / "simulations" / "experiments" / "compare" / "compare-dp.toml"
     out = tmp_path / "compare-dp-quick"  # --quick without --out: the current folder, never docs/results
     committed = sorted(p.name for p in (REPO_ROOT / "docs" / "results").iterdir())
-    proc = subprocess.run([sys.executable, "-m", "simulations.experiments.compare", str(path), "--quick"],
+    proc = subprocess.run([sys.executable, "-m", "simulations.experiments.compare", str(path), "--quick",
+                           "--run-config", "activation='tanh'"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--run-config 'activation='\"'\"'tanh'\"'\"''" in (out / "command.txt").read_text()
     assert sorted(p.name for p in (REPO_ROOT / "docs" / "results").iterdir()) == committed
     runs = pd.read_csv(out / "runs.csv")
     fed = runs[runs.method != "local"]
@@ -163,3 +165,11 @@ def test_the_lever_study_scores_several_averages_of_one_run(tmp_path) -> None:
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert json.loads(plain.stdout)["auc_as_is"] == rows["0.0"]["auc_as_is"]
     assert rows["0.9"]["auc_as_is"] != rows["0.0"]["auc_as_is"]  # the average is another model
+
+
+def test_an_unreadable_run_config_override_is_refused_before_anything_runs(tmp_path, capsys) -> None:
+    from simulations.experiments.compare import REPO_ROOT, main
+
+    path = REPO_ROOT / "simulations" / "experiments" / "compare" / "compare-dp.toml"
+    assert main([str(path), "--quick", "--out", str(tmp_path / "o"), "--run-config", "activation=tanh"]) == 2
+    assert "--run-config" in capsys.readouterr().err and not (tmp_path / "o").exists()

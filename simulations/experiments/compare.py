@@ -1,7 +1,7 @@
 """DP meta-learning against DP FedAvg and the hospital alone, at a fixed epsilon, on new hospitals.
 
     python -m simulations.experiments.compare simulations/experiments/compare/compare-dp.toml [--quick] [--out DIR]
-        [--only-dataset FLAG] [--cache DIR]
+        [--only-dataset FLAG] [--cache DIR] [--run-config "key=value ..."]
 
 The same functions as the Flower apps: every federated initialisation is trained by
 `simulations.experiments.local_loop.meta_train` (the ClientApp's `train_round` and the strategy's
@@ -51,7 +51,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from server.run_config import APP_DIR as REPO_ROOT, app_config
+from server.run_config import APP_DIR as REPO_ROOT, ConfigProblem, app_config, parse_overrides
 
 PREFIX = "[compare]"
 INF = math.inf
@@ -480,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", type=Path, nargs="*", default=None,
                     help="with --tables-only: output folders of partial runs whose CSVs are joined into --out")
     ap.add_argument("--tables-only", action="store_true", help="rebuild results.md from scores.csv and runs.csv")
+    ap.add_argument("--run-config", action="append", default=None,
+                    help="run-config overrides on top of the file's [run-config], for every cell "
+                         "(e.g. \"activation='tanh'\"); recorded in command.txt")
     args = ap.parse_args(argv)
     import pandas as pd
 
@@ -487,7 +490,9 @@ def main(argv: list[str] | None = None) -> int:
         exp = load_experiment(args.experiment, quick=args.quick)
         if args.only_methods:
             exp["method"] = select_methods(exp["method"], args.only_methods.split(","))
-    except (OSError, ValueError, tomllib.TOMLDecodeError) as err:
+        if args.run_config:
+            exp["run-config"] = {**exp["run-config"], **parse_overrides(args.run_config)}
+    except (OSError, ValueError, tomllib.TOMLDecodeError, ConfigProblem) as err:
         print(f"compare: {err}", file=sys.stderr)
         return 2
     # a quick run never writes under docs/results: ./<name>-quick in the current folder
