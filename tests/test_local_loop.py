@@ -135,12 +135,13 @@ def test_adaptation_is_chosen_on_validation_hospitals_and_reported_on_test_hospi
 def test_training_improves_the_held_out_hospitals(run_config) -> None:
     """End to end in one process: non-DP rounds must lower the held-out hospitals' loss of theta and
     raise their AUC (before any adaptation); a learning bug that leaves theta where it started fails.
-    (Measured when written: mean loss 0.681 -> 0.646, mean AUC 0.551 -> 0.668 on BreastMNIST.)"""
+    (Measured on BreastMNIST: with relu mean loss 0.681 -> 0.646, AUC 0.551 -> 0.668; with tanh, the
+    default since, loss 0.676 -> 0.625, AUC 0.604 -> 0.647: its random start already ranks better.)"""
     cfg = load_config({**run_config, "dp": False, "num-server-rounds": 8, "local-meta-steps": 8, "inner-steps": 1,
                        "local-lr": 0.1})
     training, held = sites_for(cfg)
     no_adapt = dataclasses.replace(cfg, adapt_steps=0)
     before = score_held_out(no_adapt, held, get_params(H.new_model(cfg, training[0].info)))
     after = score_held_out(no_adapt, held, meta_train(cfg, training).theta)
-    assert np.mean([s.loss_before for s in after]) < np.mean([s.loss_before for s in before]) - 0.01
-    assert np.mean([s.auc_before for s in after]) > np.mean([s.auc_before for s in before]) + 0.05
+    assert np.mean([s.loss_before for s in after]) < np.mean([s.loss_before for s in before]) - 0.03
+    assert np.mean([s.auc_before for s in after]) > np.mean([s.auc_before for s in before]) + 0.03
