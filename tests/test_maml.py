@@ -211,8 +211,8 @@ def test_the_activation_changes_the_function_but_no_weight() -> None:
     from common.model import ACTIVATIONS
 
     assert set(CONFIG_ACTIVATIONS) == set(ACTIVATIONS)
-    relu = build_model(in_channels=1, num_classes=2, seed=3)
-    tanh = build_model(in_channels=1, num_classes=2, seed=3, activation="tanh")
+    relu = build_model(in_channels=1, num_classes=2, seed=3, activation="relu")
+    tanh = build_model(in_channels=1, num_classes=2, seed=3)  # the default, as pyproject's
     for (k, a), (k2, b) in zip(relu.named_parameters(), tanh.named_parameters()):
         assert k == k2 and torch.equal(a, b)
     assert sum(isinstance(m, torch.nn.Tanh) for m in tanh.modules()) == 3
