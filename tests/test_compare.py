@@ -173,3 +173,30 @@ def test_an_unreadable_run_config_override_is_refused_before_anything_runs(tmp_p
     path = REPO_ROOT / "simulations" / "experiments" / "compare" / "compare-dp.toml"
     assert main([str(path), "--quick", "--out", str(tmp_path / "o"), "--run-config", "activation=tanh"]) == 2
     assert "--run-config" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_against_pairs_the_same_cells_of_two_designs(tmp_path) -> None:
+    """NEW - OLD on the same (seed, hospital, draw): a known shift comes out exactly, with its interval."""
+    from simulations.experiments.against import against, main
+
+    rows = []
+    for method, seed, hospital, draw in itertools.product(["fedavg", "local"], [0, 1, 2], [4, 5], [0, 1]):
+        rows.append({"dataset": "d", "dirichlet_alpha": 1.0, "method": method, "epsilon": "8", "shots": 5,
+                     "seed": seed, "hospital": hospital, "draw": draw, "auc_before": 0.5 + 0.01 * seed,
+                     "auc_after": 0.6 + 0.01 * hospital})
+    old = pd.DataFrame(rows)
+    new = old.copy()
+    new.loc[new.method == "fedavg", "auc_after"] += 0.1 + 0.01 * new.seed  # per seed +0.10, +0.11, +0.12
+    table = against(new, old)
+    fed = table[(table.method == "fedavg") & (table.compared == "adapted")].iloc[0]
+    assert math.isclose(fed.d_auc, 0.11) and fed.ci95_lo < 0.11 < fed.ci95_hi and fed.share_won == 1.0
+    assert (table[table.compared == "as is"].d_auc.abs() < 1e-12).all()
+    assert (table[table.method == "local"].d_auc.abs() < 1e-12).all()
+    for name, frame in (("new", new), ("old", old)):
+        (tmp_path / name).mkdir()
+        frame.to_csv(tmp_path / name / "report.csv", index=False)
+    assert main([str(tmp_path / "new"), str(tmp_path / "old"), "--out", str(tmp_path / "d.csv")]) == 0
+    assert len(pd.read_csv(tmp_path / "d.csv")) == 4
+    (tmp_path / "empty").mkdir()
+    old.assign(dataset="other").to_csv(tmp_path / "empty" / "report.csv", index=False)
+    assert main([str(tmp_path / "new"), str(tmp_path / "empty")]) == 2
