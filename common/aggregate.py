@@ -80,10 +80,10 @@ class OuterOptimizer:
     with `momentum` is FedAvgM, ``adam`` is FedAdam (Reddi et al. 2021). The same object drives the
     Flower strategy and the in-process loop; its state lives across rounds (`state_dict`).
 
-    With `average_decay` > 0 it also keeps an exponential moving average of theta over the rounds
-    (`moving_average`), which is what `released` returns: the model held-out hospitals adapt and the run saves. Training
-    goes on from theta itself. The average only post-processes the aggregated DP updates, so it
-    costs no privacy.
+    With `average_decay` > 0 it also keeps a moving average of theta over the rounds
+    (`moving_average`), which is what `released` returns: the model held-out hospitals adapt and
+    the run saves. Training goes on from theta itself. The average only post-processes the
+    aggregated DP updates, so it costs no privacy.
     """
 
     theta: dict[str, torch.Tensor]
