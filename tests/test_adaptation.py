@@ -20,15 +20,22 @@ def toy(n=24, seed=0):
     return x, y
 
 
-def test_each_method_fits_the_support_set() -> None:
-    model = build_model(in_channels=1, num_classes=2, seed=0)
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_each_method_fits_the_support_set(activation) -> None:
+    """40 steps fit the toy support set. Plain full-batch SGD on the tanh network is the exception:
+    its mean gradient is small at the start (measured: loss 0.81 -> 0.72 at lr 0.5, 0.47 after 100
+    steps), so for tanh it only has to lower the loss; clipped SGD and Adam fit both networks."""
+    model = build_model(in_channels=1, num_classes=2, seed=0, activation=activation)
     theta = get_params(model)
     x, y = toy()
     before = evaluate(model, theta, x, y, num_classes=2).loss
     for method, lr in (("sgd", 0.5), ("clipped-sgd", 1.0), ("adam", 3e-3)):
         phi = finetune(model, theta, x, y, method=method, steps=40, lr=lr)
         after = evaluate(model, phi, x, y, num_classes=2)
-        assert after.loss < 0.7 * before and after.accuracy == 1.0, (method, after)
+        if activation == "tanh" and method == "sgd":
+            assert after.loss < before, (method, after)
+        else:
+            assert after.loss < 0.7 * before and after.accuracy == 1.0, (method, after)
 
 
 def test_clipped_sgd_step_is_the_mean_of_per_record_clipped_gradients() -> None:
