@@ -64,8 +64,11 @@ def assert_same(summary: dict, theta_flower: dict, cfg) -> None:
     local = meta_train(cfg, training)
     theta0 = get_params(H.new_model(cfg, training[0].info))
     assert max(float((local.theta[k] - theta0[k]).abs().max()) for k in theta0) > 1e-3  # it trained
+    # float32 tolerance: a Ray actor and this process may sum in another order (thread counts), a few
+    # ulps per operation over the rounds (measured up to 3e-6 once in CI); a skipped step, another
+    # batch or another noise draw moves weights by 1e-3 and more
     for k, v in local.theta.items():
-        torch.testing.assert_close(theta_flower[k].float(), v.float(), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(theta_flower[k].float(), v.float(), atol=2e-5, rtol=1e-5)
     assert max(abs(a - b) for a, b in zip(local.meta_losses, [r["meta_loss"] for r in summary["rounds"]])) < 1e-5
     want = expected_final(cfg, local.theta)
     if cfg.tune_adaptation:
