@@ -200,3 +200,36 @@ def test_against_pairs_the_same_cells_of_two_designs(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     old.assign(dataset="other").to_csv(tmp_path / "empty" / "report.csv", index=False)
     assert main([str(tmp_path / "new"), str(tmp_path / "empty")]) == 2
+
+
+def test_choice_rules_cross_fit_scores_each_choice_on_the_other_validation_hospital(tmp_path, capsys) -> None:
+    """Hospital 1 prefers Adam (0.90 against 0.80 as is), hospital 2 prefers theta as is (0.85 against
+    Adam's 0.70). The product's rule chosen on 1 scores 0.70 on 2, chosen on 2 scores 0.80 on 1: 0.75.
+    Never adapting scores (0.85 + 0.80) / 2 = 0.825. A 0.15 margin keeps theta as is on both: 0.825.
+    The test hospital (which would give Adam 1.0) is never read."""
+    from simulations.experiments.choice_rules import cross_fit, main, margin
+
+    auc = {(1, "none"): 0.80, (1, "adam"): 0.90, (2, "none"): 0.85, (2, "adam"): 0.70,
+           (3, "none"): 0.10, (3, "adam"): 1.00}
+    rows = []
+    for (h, m), a in auc.items():
+        for draw in (0, 1):
+            rows.append({"dataset": "d", "dirichlet_alpha": 1.0, "method": "fomaml", "epsilon": "8", "shots": 5,
+                         "seed": 0, "hospital": h, "role": "test" if h == 3 else "validation", "draw": draw,
+                         "adapt_method": m, "adapt_lr": 0.001 if m == "adam" else 0.0,
+                         "adapt_steps": 20 if m == "adam" else 0, "auc": a, "accuracy": 0.5})
+    scores = pd.DataFrame(rows)
+    from simulations.experiments.choice_rules import RULES
+
+    got = cross_fit(scores, {"best": RULES["best"], "as-is": RULES["as-is"], "margin": margin(0.15),
+                             "small margin": margin(0.05)}).set_index("rule").auc
+    assert got["best"] == pytest.approx(0.75)
+    assert got["as-is"] == pytest.approx(0.825)
+    assert got["margin"] == pytest.approx(0.825)
+    assert got["small margin"] == pytest.approx(0.75)  # 0.10 > 0.05 on hospital 1: adapts there
+    scores.to_csv(tmp_path / "scores.csv", index=False)
+    assert main([str(tmp_path / "scores.csv")]) == 0
+    assert "1 (cell, seed)" in capsys.readouterr().out
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    assert main([str(tmp_path / "bad.csv")]) == 2
+    assert "missing columns" in capsys.readouterr().err
