@@ -338,6 +338,9 @@ class Scores:
     auc: float  # NaN when the evaluated set holds a single class
 
 
+EVAL_CHUNK = 128  # records per forward pass when scoring
+
+
 def evaluate(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, *, num_classes: int) -> Scores:
     """Accuracy (argmax) and ROC-AUC as MedMNIST reports them (binary: class-1 score; else one-vs-rest mean)."""
     from sklearn.metrics import roc_auc_score
@@ -345,7 +348,10 @@ def evaluate(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor,
     if x.shape[0] == 0:
         raise ValueError("cannot evaluate on an empty set")
     with torch.no_grad():
-        logits = forward(model, {k: v.detach() for k, v in params.items()}, x)
+        detached = {k: v.detach() for k, v in params.items()}
+        # in chunks: the same logits (per-record layers only), about 2x faster on a CPU than one batch
+        # of a whole query set (1,382 PneumoniaMNIST records: 0.50 s -> 0.22 s on 2 cores, measured)
+        logits = torch.cat([forward(model, detached, xb) for xb in x.split(EVAL_CHUNK)])
         loss = float(F.cross_entropy(logits, y))
         prob = torch.softmax(logits, dim=1).double().numpy()
     labels = y.numpy()

@@ -129,6 +129,29 @@ def test_finetune_fits_the_support_set_and_evaluate_reports_auc() -> None:
     assert single.auc != single.auc  # NaN: AUC is undefined on one class
 
 
+def test_evaluate_in_chunks_scores_every_record_as_one_batch_would() -> None:
+    """A set of 2.5 chunks: loss, accuracy and AUC equal those from one forward pass over all records
+    (a dropped, repeated or reordered chunk changes them: the labels depend on the record)."""
+    from sklearn.metrics import roc_auc_score
+
+    from common.maml import EVAL_CHUNK, forward
+
+    model = build_model(in_channels=1, num_classes=2, seed=0)
+    theta = get_params(model)
+    g = torch.Generator().manual_seed(5)
+    n = EVAL_CHUNK * 5 // 2
+    x = torch.randn(n, 1, 28, 28, generator=g)
+    with torch.no_grad():
+        logits = forward(model, theta, x)
+    y = (logits[:, 1] > logits[:, 1].median()).long()  # scores rank the records well: AUC near 1
+    y[::7] = 1 - y[::7]
+    got = evaluate(model, theta, x, y, num_classes=2)
+    prob = torch.softmax(logits, 1).double().numpy()
+    assert got.loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
+    assert got.accuracy == pytest.approx(float((prob.argmax(1) == y.numpy()).mean()))
+    assert got.auc == pytest.approx(roc_auc_score(y.numpy(), prob[:, 1]), abs=1e-6)
+
+
 def test_local_meta_update_one_episode_is_the_classic_update_and_several_compose() -> None:
     from common.maml import Episode, local_meta_update
 
