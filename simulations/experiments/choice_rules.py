@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from common.adaptation import AS_IS, GridPoint, choose_adaptation
+from simulations.experiments.compare import CELL
 
-CELL = ["dataset", "dirichlet_alpha", "method", "epsilon", "shots"]
 Rule = Callable[[Mapping[GridPoint, float]], "GridPoint | None"]
 
 
