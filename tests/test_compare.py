@@ -207,7 +207,7 @@ def test_choice_rules_cross_fit_scores_each_choice_on_the_other_validation_hospi
     Adam's 0.70). The product's rule chosen on 1 scores 0.70 on 2, chosen on 2 scores 0.80 on 1: 0.75.
     Never adapting scores (0.85 + 0.80) / 2 = 0.825. A 0.15 margin keeps theta as is on both: 0.825.
     The test hospital (which would give Adam 1.0) is never read."""
-    from simulations.experiments.choice_rules import cross_fit, main, margin
+    from simulations.experiments.choice_rules import RULES, cross_fit, main, margin
 
     auc = {(1, "none"): 0.80, (1, "adam"): 0.90, (2, "none"): 0.85, (2, "adam"): 0.70,
            (3, "none"): 0.10, (3, "adam"): 1.00}
@@ -219,8 +219,6 @@ def test_choice_rules_cross_fit_scores_each_choice_on_the_other_validation_hospi
                          "adapt_method": m, "adapt_lr": 0.001 if m == "adam" else 0.0,
                          "adapt_steps": 20 if m == "adam" else 0, "auc": a, "accuracy": 0.5})
     scores = pd.DataFrame(rows)
-    from simulations.experiments.choice_rules import RULES
-
     got = cross_fit(scores, {"best": RULES["best"], "as-is": RULES["as-is"], "margin": margin(0.15),
                              "small margin": margin(0.05)}).set_index("rule").auc
     assert got["best"] == pytest.approx(0.75)

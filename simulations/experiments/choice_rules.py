@@ -83,9 +83,9 @@ def cross_fit(scores, rules: Mapping[str, Rule] = RULES):
             got = []
             for a in per:
                 choice = rule(per[a])
-                for b in per:
-                    if b != a and choice is not None and np.isfinite(per[b].get(choice, np.nan)):
-                        got.append(per[b][choice])
+                if choice is None:
+                    continue
+                got += [per[b][choice] for b in per if b != a and np.isfinite(per[b].get(choice, np.nan))]
             if got:
                 rows.append({**dict(zip(CELL + ["seed"], key)), "rule": name, "auc": float(np.mean(got))})
     return pd.DataFrame(rows)
