@@ -50,6 +50,20 @@ def medmnist_dir(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fedmeta_home(tmp_path_factory) -> Path:
+    """Ledger marks (`common.journal`) go to a private FEDMETA_HOME, never the user's ~/.fedmeta; the
+    Flower processes a test starts inherit it."""
+    home = tmp_path_factory.mktemp("fedmeta-home")
+    before = os.environ.get("FEDMETA_HOME")
+    os.environ["FEDMETA_HOME"] = str(home)
+    yield home
+    if before is None:
+        os.environ.pop("FEDMETA_HOME", None)
+    else:
+        os.environ["FEDMETA_HOME"] = before
+
+
 def base_run_config() -> dict:
     with open(REPO / "pyproject.toml", "rb") as fh:
         return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
