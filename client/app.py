@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -38,14 +39,19 @@ from common.hospital import (
     Site, adapt_and_score, adaptation_grid_scores, check_privacy_budget, load_site, load_site_from_folder,
     noise_multiplier_for, param_shapes, train_round,
 )
+from common.data import dataset_info
 from common.journal import LedgerJournal
+from common.evaluation_count import EvaluationLimit, reserve_evaluation
 from common.policy import (
-    HELD_OUT, TRAINING, HospitalPolicy, check_evaluate, check_train, parse_node_config,
+    HELD_OUT, TRAINING, HospitalPolicy, Refusal, check_evaluate, check_train, check_weights, coarsen_count,
+    coarsen_score, parse_node_config,
 )
+from common.privacy import epsilon_of_history
 
 NOISE_STATE = "noise-calibration"  # context.state: the calibrated noise multiplier, computed once per run
 
 app = ClientApp(mods=[audit_mod, guard_mod])
+log = logging.getLogger("fedmeta.hospital")
 
 
 def _setup(context: Context) -> tuple[Config, HospitalPolicy]:
@@ -85,14 +91,23 @@ def _with_noise_multiplier(cfg: Config, context: Context, num_records: int) -> C
     return dataclasses.replace(cfg, noise_multiplier=sigma)
 
 
-def _theta(msg: Message, site: Site, cfg: Config) -> dict[str, torch.Tensor]:
-    """The global initialisation from the message, checked against this hospital's model."""
-    expected = dict(param_shapes(site.info))
+def _theta(msg: Message, cfg: Config, policy: HospitalPolicy) -> dict[str, torch.Tensor]:
+    """The global initialisation from the message, checked before any record is read.
+
+    Names and shapes must be this hospital's model's (from the run's dataset metadata), and every
+    value finite and within the hospital's `weight-limit` (`common.policy.check_weights`): weights
+    that overflow for one record are refused whatever the records are.
+    """
+    expected = dict(param_shapes(dataset_info(cfg.dataset, cfg.image_size)))
+    if P.ARRAYS not in msg.content or not isinstance(msg.content[P.ARRAYS], ArrayRecord):
+        raise Refusal("weights", "the message carries no global model")
     received = msg.content[P.ARRAYS].to_torch_state_dict()
     if set(received) != set(expected) or any(tuple(received[k].shape) != expected[k] for k in expected):
-        raise ValueError("the global model's arrays do not match this hospital's model "
-                         "(different dataset, image size or code version?)")
-    return {k: received[k].float() for k in expected}
+        raise Refusal("weights", "the global model's arrays do not match this hospital's model "
+                                 "(different dataset, image size or code version?)")
+    theta = {k: received[k].float() for k in expected}
+    check_weights(policy, theta)
+    return theta
 
 
 def _journal(policy: HospitalPolicy, cfg: Config, context: Context) -> LedgerJournal:
@@ -103,7 +118,7 @@ def _journal(policy: HospitalPolicy, cfg: Config, context: Context) -> LedgerJou
     and is refused when it is missing.
     """
     if policy.ledger_dir:
-        return LedgerJournal(policy.ledger_dir)
+        return LedgerJournal(policy.ledger_dir, mark=policy.ledger_mark)
     journal = LedgerJournal(Path(cfg.results_dir).expanduser() / "ledgers" / f"hospital-{policy.hospital_id}")
     if not policy.simulated:
         return journal
@@ -114,11 +129,25 @@ def _journal(policy: HospitalPolicy, cfg: Config, context: Context) -> LedgerJou
     return journal
 
 
+def _this_run(journal: LedgerJournal, context: Context, delta: float) -> tuple[float, int]:
+    """(epsilon, rounds) of this run's charges alone: what the server is told.
+
+    A simulated hospital's journal is its simulation's own (a resumed simulation is a new Flower run
+    that continues it), so it reports the whole journal. The lifetime total (every run the hospital ever took part in) stays in the hospital's own log
+    and `python -m client.ledger show`; sending it would tell this server about the other runs.
+    """
+    entries = journal.entries()
+    simulated = "hospital-id" not in context.node_config
+    mine = entries if simulated else [e for e in entries if str(e.get("run")) == str(context.run_id)]
+    history = [(float(e["noise-multiplier"]), float(e["sample-rate"]), int(e["steps"])) for e in mine]
+    return epsilon_of_history(history, delta), len(mine)
+
+
 def _has_charges(policy: HospitalPolicy) -> bool:
     """Whether the hospital's own ledger (`ledger-dir`) has released anything (a simulated run's is its own)."""
     if not policy.ledger_dir:
         return False
-    journal = LedgerJournal(policy.ledger_dir)
+    journal = LedgerJournal(policy.ledger_dir, mark=policy.ledger_mark)
     return journal.exists() and bool(journal.entries())
 
 
@@ -134,7 +163,8 @@ def query(msg: Message, context: Context) -> Message:
             ledger = _journal(policy, cfg, context).ledger(delta=cfg.target_delta)  # missing/unreadable fails here
             n_pub = _public_num_records(policy, site)
             check_privacy_budget(_with_noise_multiplier(cfg, context, n_pub), n_pub)
-            metrics[P.EPSILON], metrics[P.DELTA] = ledger.epsilon(), ledger.delta
+            metrics[P.EPSILON], metrics[P.DELTA] = _this_run(_journal(policy, cfg, context), context,
+                                                             cfg.target_delta)[0], ledger.delta
     return Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -142,9 +172,9 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     cfg, policy = _setup(context)
     check_train(policy, cfg, ledger_has_charges=not cfg.dp and _has_charges(policy))
+    theta = _theta(msg, cfg, policy)  # before any record is read or anything is charged
     journal = _journal(policy, cfg, context) if cfg.dp else None
     site = _site(cfg, policy)
-    theta = _theta(msg, site, cfg)
     server_round = int(msg.content[P.CONFIG][P.SERVER_ROUND])
     n_pub = _public_num_records(policy, site)
     cfg = _with_noise_multiplier(cfg, context, n_pub)
@@ -155,7 +185,10 @@ def train(msg: Message, context: Context) -> Message:
         with journal.locked(run=context.run_id, server_round=server_round, delta=cfg.target_delta) as ledger:
             outcome = train_round(cfg, site, theta, ledger=ledger, server_round=server_round,
                                   public_num_records=n_pub)
-            rounds = ledger.rounds
+        run_epsilon, rounds = _this_run(journal, context, cfg.target_delta)
+        log.info("hospital %d: this run epsilon=%.4f over %d rounds; lifetime epsilon=%.4f (delta=%g)",
+                 policy.hospital_id, run_epsilon, rounds, outcome.epsilon, outcome.delta)
+        outcome = dataclasses.replace(outcome, epsilon=run_epsilon)
     metrics = {
         P.NUM_EXAMPLES: outcome.num_examples,
         P.EPSILON: outcome.epsilon,
@@ -179,29 +212,43 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, policy = _setup(context)
-    check_evaluate(policy)  # a training hospital never returns exact scores on its records
-    hid = policy.hospital_id
-    site = _site(cfg, policy)
-    theta = _theta(msg, site, cfg)
     cfg, grid = _evaluation_request(cfg, msg.content[P.CONFIG] if P.CONFIG in msg.content else {})
+    asked = int(context.state[EVAL_STATE]["count"]) if EVAL_STATE in context.state else 0
+    check_evaluate(policy, grid=grid, asked_this_run=asked)  # a training hospital never returns scores
+    hid = policy.hospital_id
+    theta = _theta(msg, cfg, policy)
+    # counted before anything is computed: a failed evaluation still counts as asked
+    context.state[EVAL_STATE] = ConfigRecord({"count": asked + 1})
+    if policy.ledger_dir and math.isfinite(policy.max_evaluations):
+        try:
+            reserve_evaluation(policy.ledger_dir, limit=policy.max_evaluations, run=context.run_id,
+                               server_round=int(msg.content[P.CONFIG][P.SERVER_ROUND]) if P.CONFIG in msg.content else 0)
+        except EvaluationLimit:
+            raise Refusal("evaluations", f"this hospital has answered its {policy.max_evaluations:g} evaluations "
+                                         "(node config max-evaluations)") from None
+    site = _site(cfg, policy)
     scores = adapt_and_score(cfg, site, theta)
+    score, count = (lambda v: coarsen_score(policy, v)), (lambda n: coarsen_count(policy, n))
     metrics = {
-        P.NUM_EXAMPLES: scores.num_query,
-        P.NUM_SUPPORT: scores.num_support,
-        P.ACCURACY: scores.accuracy,
-        P.AUC: scores.auc,
-        P.LOSS: scores.loss,
-        P.ACCURACY_BEFORE: scores.accuracy_before,
-        P.AUC_BEFORE: scores.auc_before,
-        P.LOSS_BEFORE: scores.loss_before,
+        P.NUM_EXAMPLES: count(scores.num_query),
+        P.NUM_SUPPORT: count(scores.num_support),
+        P.ACCURACY: score(scores.accuracy),
+        P.AUC: score(scores.auc),
+        P.LOSS: score(scores.loss),
+        P.ACCURACY_BEFORE: score(scores.accuracy_before),
+        P.AUC_BEFORE: score(scores.auc_before),
+        P.LOSS_BEFORE: score(scores.loss_before),
         P.HOSPITAL_ID: hid,
     }
     if grid:  # a validation hospital: scores at every point of the adaptation grid, for the server's choice
         for point, sc in adaptation_grid_scores(cfg, site, theta).items():
-            metrics[P.grid_metric(P.AUC, point)] = sc.auc
-            metrics[P.grid_metric(P.ACCURACY, point)] = sc.accuracy
+            metrics[P.grid_metric(P.AUC, point)] = score(sc.auc)
+            metrics[P.grid_metric(P.ACCURACY, point)] = score(sc.accuracy)
     return Message(RecordDict({P.METRICS: MetricRecord({k: float(v) if isinstance(v, float) else v
                                                         for k, v in metrics.items()})}), reply_to=msg)
+
+
+EVAL_STATE = "evaluations-answered"  # context.state: evaluations this node answered in this run
 
 
 MAX_ADAPT_STEPS = 1000

@@ -17,17 +17,22 @@ from flwr.clientapp.typing import ClientAppCallable
 from common import protocol as P
 from common.config import ConfigError
 from common.data import DataError
+from common.journal import LedgerCorrupt, LedgerMarkMissing, LedgerMissing, LedgerRolledBack
 from common.policy import NodeConfigError, Refusal
 from common.privacy import PrivacyError
 
 log = logging.getLogger("fedmeta.hospital")
+LEDGER_ERRORS = (LedgerMissing, LedgerCorrupt, LedgerRolledBack, LedgerMarkMissing)
 
 
 def public_error(exc: BaseException) -> tuple[int, str]:
     """(code, reason) of an exception, as the server may see it."""
     if isinstance(exc, Refusal):
         return P.ERROR_REFUSED, f"refused [{exc.code}]: {exc.reason}"
-    if isinstance(exc, PrivacyError):  # settings and the ledger's state; sizes are the public ones
+    if isinstance(exc, LEDGER_ERRORS):  # paths and the entries' contents stay in the hospital's log
+        return P.ERROR_REFUSED, ("refused [ledger]: this hospital's privacy ledger failed its checks; the "
+                                 "details are in the hospital's own log")
+    if isinstance(exc, PrivacyError):  # settings only (budget, calibration); sizes are the public ones
         return P.ERROR_REFUSED, f"refused [privacy]: {exc}"
     if isinstance(exc, (ConfigError, NodeConfigError)):
         return P.ERROR_CONFIG, f"invalid config: {exc}"

@@ -44,7 +44,7 @@ def _clipped_mean_gradient(model: nn.Module, params: Params, x: torch.Tensor, y:
     """The mean of per-record gradients clipped as DP training clips them (`common.privacy.clip_and_sum`)."""
     per, _ = per_sample_gradients(model, params, x, y)
     summed, _ = clip_and_sum(per, max_grad_norm=max_grad_norm)
-    return {k: v / x.shape[0] for k, v in summed.items()}
+    return {k: (v / x.shape[0]).to(params[k].dtype) for k, v in summed.items()}
 
 
 def finetune_trajectory(
@@ -96,6 +96,18 @@ def finetune(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor,
     """`steps` steps of `method` at `lr` on (x, y)."""
     return finetune_trajectory(model, params, x, y, method=method, lr=lr, checkpoints=[steps],
                                max_grad_norm=max_grad_norm)[steps]
+
+
+def adapt_params(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, *, method: str, steps: int,
+                 lr: float, max_grad_norm: float = 1.0) -> Params:
+    """`finetune`, or a copy of `params` for the grid's "theta as is" point (`AS_IS`, or zero steps).
+
+    What a site does with a chosen adaptation (`python -m client.adapt`, and every fold of the
+    threshold's cross-validation in `common.operating_point`).
+    """
+    if method == AS_IS[0] or steps == 0:
+        return {k: v.detach().clone() for k, v in params.items()}
+    return finetune(model, params, x, y, method=method, steps=steps, lr=lr, max_grad_norm=max_grad_norm)
 
 
 def grid_points(grid_lrs: Mapping[str, Sequence[float]] = GRID_LRS,

@@ -144,9 +144,11 @@ def _float(
         raise ConfigError(f"run-config key '{_key(name)}' = {value!r}: must be a number")
     value = float(value)
     too_low = value <= lo if lo_open else value < lo
-    if value != value or too_low or (hi is not None and value > hi):
+    if not math.isfinite(value) or too_low or (hi is not None and value > hi):
         bound = f"> {lo}" if lo_open else f">= {lo}"
         allowed = bound if hi is None else f"{bound} and <= {hi}"
+        if not math.isfinite(value):
+            allowed += " (and finite)"
         raise ConfigError(f"run-config key '{_key(name)}' = {value}: must be {allowed}")
     return value
 

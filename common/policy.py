@@ -14,6 +14,22 @@ server sends can raise them. The server's run config can only ask for less:
 - ``ledger-dir``: where its privacy ledger journal lives (`common.journal`); ``hospital-data``:
   its records; ``audit-log``: the file describing every reply it sends.
 
+Limits on what the server may ask (a hostile server chooses the run config and every weight it sends):
+
+- ``grad-norm-limit`` (default 10), ``loss-clip-limit`` (default 50): the largest ``max-grad-norm`` and
+  ``loss-clip`` the hospital accepts; with them every clipped sum is far from overflowing.
+- ``steps-per-round-limit`` (default 256) and ``batch-size-limit`` (default 1024): the DP gradient steps
+  one TRAIN message may take and the expected batch size, so one message cannot hold the ledger's
+  lock for hours.
+- ``weight-limit`` (default 1e4): the largest absolute value of any weight of the global model it
+  accepts (honest models stay below 100); non-finite weights are always refused.
+- held-out hospitals: ``publish-scores`` (default true), ``max-evaluations-per-run`` (default 4),
+  ``max-evaluations`` (over the lifetime of its ``ledger-dir``; default 40 when ``ledger-dir`` is set),
+  ``score-decimals`` (default 2), ``count-granularity`` (default 10) and ``publish-grid`` (default true):
+  whether it answers EVALUATE at all, how often, and how coarse the numbers are. Exact scores on
+  weights the server chose are a query oracle on the records; these limits bound it, they do not
+  make it DP (README: threat model).
+
 A simulated hospital (Flower's ``partition-id``) belongs to the operator who runs the simulation:
 its role follows the run's held-out split, its limits are the run's targets, DP is not required,
 and its public count is its share of the (public) benchmark split.
@@ -32,8 +48,15 @@ from common.data import held_out_hospitals
 TRAINING, HELD_OUT = "training", "held-out"
 ROLES = (TRAINING, HELD_OUT)
 DEFAULT_MAX_DELTA = 1e-5
-KNOWN_KEYS = frozenset({"hospital-id", "role", "hospital-data", "ledger-dir", "max-epsilon", "max-delta",
-                        "require-dp", "public-num-records", "audit-log", "partition-id", "num-partitions"})
+KNOWN_KEYS = frozenset({"hospital-id", "role", "hospital-data", "ledger-dir", "ledger-mark", "max-epsilon", "max-delta",
+                        "require-dp", "public-num-records", "audit-log", "partition-id", "num-partitions",
+                        "grad-norm-limit", "loss-clip-limit", "steps-per-round-limit", "batch-size-limit",
+                        "weight-limit", "publish-scores", "max-evaluations-per-run", "max-evaluations",
+                        "score-decimals", "count-granularity", "publish-grid"})
+# A deployed hospital's defaults for what a server may ask (a simulated one: no limit, the operator's own run)
+DEPLOYED_LIMITS = {"grad-norm-limit": 10.0, "loss-clip-limit": 50.0, "steps-per-round-limit": 256,
+                   "batch-size-limit": 1024, "weight-limit": 1e4, "max-evaluations-per-run": 4,
+                   "max-evaluations": 40, "score-decimals": 2, "count-granularity": 10}
 
 
 class NodeConfigError(ValueError):
@@ -61,6 +84,18 @@ class HospitalPolicy:
     ledger_dir: str | None
     hospital_data: str | None
     audit_log: str | None
+    ledger_mark: str | None = None
+    grad_norm_limit: float = math.inf
+    loss_clip_limit: float = math.inf
+    steps_per_round_limit: float = math.inf
+    batch_size_limit: float = math.inf
+    weight_limit: float = math.inf
+    publish_scores: bool = True
+    max_evaluations_per_run: float = math.inf
+    max_evaluations: float = math.inf
+    score_decimals: int | None = None
+    count_granularity: int = 1
+    publish_grid: bool = True
 
 
 def _get(nc: Mapping[str, Any], key: str, kind: type, default: Any = None) -> Any:
@@ -116,11 +151,13 @@ def parse_node_config(nc: Mapping[str, Any], cfg: Config) -> HospitalPolicy:
     public_n = _get(nc, "public-num-records", int)
     if public_n is not None and public_n < 1:
         raise NodeConfigError(f"node config 'public-num-records' must be >= 1, got {public_n}")
+    ledger_dir = _get(nc, "ledger-dir", str)
+    limits = _limits(nc, simulated=simulated, has_ledger=ledger_dir is not None)
     policy = HospitalPolicy(
         hospital_id=hid, role=role, simulated=simulated, max_epsilon=max_eps if max_eps is not None else math.nan,
         max_delta=max_delta, require_dp=_get(nc, "require-dp", bool, defaults["require_dp"]),
-        public_num_records=public_n, ledger_dir=_get(nc, "ledger-dir", str), hospital_data=_get(nc, "hospital-data", str),
-        audit_log=_get(nc, "audit-log", str),
+        public_num_records=public_n, ledger_dir=ledger_dir, hospital_data=_get(nc, "hospital-data", str),
+        audit_log=_get(nc, "audit-log", str), ledger_mark=_get(nc, "ledger-mark", str), **limits,
     )
     if not simulated and role == TRAINING:
         missing = [k for k, v in (("ledger-dir", policy.ledger_dir), ("max-epsilon", max_eps),
@@ -135,10 +172,66 @@ def parse_node_config(nc: Mapping[str, Any], cfg: Config) -> HospitalPolicy:
     return policy
 
 
+def _limits(nc: Mapping[str, Any], *, simulated: bool, has_ledger: bool) -> dict[str, Any]:
+    """The limits on what the server may ask: the node config's, else the deployed defaults (simulated: none)."""
+    def limit(key: str, kind: type, *, minimum: float) -> Any:
+        default = math.inf if simulated else DEPLOYED_LIMITS[key]
+        if key == "max-evaluations" and not has_ledger:
+            default = math.inf  # counted in ledger-dir: without one only the per-run limit applies
+        value = _get(nc, key, kind, default)
+        if not (value >= minimum) or value != value:
+            raise NodeConfigError(f"node config '{key}' = {value!r} must be >= {minimum}")
+        return value
+
+    if "max-evaluations" in nc and not has_ledger:
+        raise NodeConfigError("node config 'max-evaluations' counts evaluations over the hospital's lifetime in its "
+                              "'ledger-dir'; set 'ledger-dir' too")
+    decimals = _get(nc, "score-decimals", int, None if simulated else DEPLOYED_LIMITS["score-decimals"])
+    if decimals is not None and not 0 <= decimals <= 6:
+        raise NodeConfigError(f"node config 'score-decimals' must be in 0..6, got {decimals}")
+    return dict(
+        grad_norm_limit=limit("grad-norm-limit", float, minimum=1e-12),
+        loss_clip_limit=limit("loss-clip-limit", float, minimum=1e-12),
+        steps_per_round_limit=limit("steps-per-round-limit", int, minimum=1),
+        batch_size_limit=limit("batch-size-limit", int, minimum=1),
+        weight_limit=limit("weight-limit", float, minimum=1e-12),
+        publish_scores=_get(nc, "publish-scores", bool, True),
+        max_evaluations_per_run=limit("max-evaluations-per-run", int, minimum=0),
+        max_evaluations=limit("max-evaluations", int, minimum=0),
+        score_decimals=decimals,
+        count_granularity=_get(nc, "count-granularity", int, 1 if simulated else DEPLOYED_LIMITS["count-granularity"]),
+        publish_grid=_get(nc, "publish-grid", bool, True),
+    )
+
+
+def check_weights(policy: HospitalPolicy, theta: Mapping[str, Any]) -> None:
+    """Raise `Refusal` for weights no honest server sends: non-finite entries, or beyond `weight-limit`.
+
+    Checked before any record is read, so the refusal says nothing about the data.
+    """
+    import torch  # noqa: PLC0415 - policy stays importable without torch for the config checks
+
+    for name, value in theta.items():
+        if not bool(torch.isfinite(value).all()):
+            raise Refusal("weights", f"the global model's array {name!r} holds NaN or inf values; refused before "
+                                     "any record was read")
+        peak = float(value.abs().max()) if value.numel() else 0.0
+        if peak > policy.weight_limit:
+            raise Refusal("weights", f"the global model's array {name!r} holds a value of magnitude {peak:.3g}, "
+                                     f"beyond this hospital's weight-limit={policy.weight_limit:g}")
+
+
 def check_train(policy: HospitalPolicy, cfg: Config, *, ledger_has_charges: bool) -> None:
     """Raise `Refusal` unless this hospital may train for this run config (before anything is computed)."""
     if policy.role != TRAINING:
         raise Refusal("role", f"hospital {policy.hospital_id} is a held-out hospital; it never trains")
+    for key, asked, allowed in (("max-grad-norm", cfg.max_grad_norm, policy.grad_norm_limit),
+                                ("loss-clip", cfg.loss_clip, policy.loss_clip_limit),
+                                ("steps-per-round", cfg.gradient_steps_per_round, policy.steps_per_round_limit),
+                                ("batch-size", cfg.batch_size, policy.batch_size_limit)):
+        if asked > allowed:
+            raise Refusal(key, f"the run asks for {key}={asked:g}, more than this hospital's "
+                               f"{key.replace('max-', '')}-limit={allowed:g}")
     if not cfg.dp:
         if policy.require_dp:
             raise Refusal("dp-required", "this hospital requires differential privacy (node config require-dp); "
@@ -155,8 +248,34 @@ def check_train(policy: HospitalPolicy, cfg: Config, *, ledger_has_charges: bool
                                    f"hospital's max-delta={policy.max_delta:g}")
 
 
-def check_evaluate(policy: HospitalPolicy) -> None:
-    """Raise `Refusal` unless this hospital answers evaluation requests (held-out hospitals only)."""
+def check_evaluate(policy: HospitalPolicy, *, grid: bool = False, asked_this_run: int = 0) -> None:
+    """Raise `Refusal` unless this hospital answers this evaluation request.
+
+    Held-out hospitals only, if they publish scores at all (`publish-scores`), the grid only if
+    `publish-grid`, and no more than `max-evaluations-per-run` answers (the count of this run's answers
+    is the caller's, from the node's context; the lifetime limit is counted in the hospital's
+    `ledger-dir`, `common.evaluation_count`).
+    """
     if policy.role != HELD_OUT:
         raise Refusal("role", f"hospital {policy.hospital_id} is a training hospital; it does not return exact "
                               "scores on its records (only DP updates)")
+    if not policy.publish_scores:
+        raise Refusal("scores", "this hospital does not publish evaluation scores (node config publish-scores)")
+    if grid and not policy.publish_grid:
+        raise Refusal("scores", "this hospital does not publish adaptation-grid scores (node config publish-grid)")
+    if asked_this_run >= policy.max_evaluations_per_run:
+        raise Refusal("evaluations", f"this run has had its {policy.max_evaluations_per_run:g} evaluations "
+                                     "(node config max-evaluations-per-run)")
+
+
+def coarsen_score(policy: HospitalPolicy, value: float) -> float:
+    """A score as published: rounded to `score-decimals` (simulated hospitals: exact)."""
+    if policy.score_decimals is None or value != value:
+        return value
+    return round(float(value), policy.score_decimals)
+
+
+def coarsen_count(policy: HospitalPolicy, count: int) -> int:
+    """A record count as published: rounded to a multiple of `count-granularity` (at least one unit)."""
+    g = max(1, int(policy.count_granularity))
+    return max(g, int(round(count / g)) * g) if g > 1 else int(count)

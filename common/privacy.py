@@ -228,20 +228,45 @@ class PrivacyLedger:
             hist.append((float(noise_multiplier), float(sample_rate), int(steps)))
 
 
-def clip_and_sum(per_sample: Params, *, max_grad_norm: float) -> tuple[Params, torch.Tensor]:
+def finite_records(per_sample: Params, losses: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) bool: the records whose every per-record gradient entry (and loss, when given) is finite.
+
+    A server may send weights that overflow for some records only (a logit of inf for one patient):
+    such a record must contribute nothing, not a NaN that would mark the release as containing it.
+    """
+    names = list(per_sample)
+    batch = per_sample[names[0]].shape[0]
+    ok = torch.ones(batch, dtype=torch.bool)
+    if batch == 0:
+        return ok
+    for k in names:
+        ok &= torch.isfinite(per_sample[k].reshape(batch, -1)).all(dim=1)
+    if losses is not None:
+        ok &= torch.isfinite(losses.reshape(batch))
+    return ok
+
+
+def clip_and_sum(per_sample: Params, *, max_grad_norm: float,
+                 finite: torch.Tensor | None = None) -> tuple[Params, torch.Tensor]:
     """Clip each record's whole gradient (all parameters together) to L2 norm `max_grad_norm` and sum.
 
-    Returns the summed clipped gradients and the per-record norms before clipping. The factor
-    ``min(1, C / (norm + 1e-6))`` is Opacus' own.
+    Returns the summed clipped gradients and the per-record norms before clipping, both in float64:
+    every clipped record has norm <= C, so with C bounded by the hospital's policy the sum of a batch
+    cannot overflow, whatever weights the server sent. A record that is not `finite` (default: every
+    record whose gradient has a NaN or inf entry, `finite_records`) contributes exactly zero and
+    reports norm inf. The factor ``min(1, C / (norm + 1e-6))`` is Opacus' own.
     """
     names = list(per_sample)
     batch = per_sample[names[0]].shape[0]
     if batch == 0:
-        return {k: v.new_zeros(v.shape[1:]) for k, v in per_sample.items()}, torch.zeros(0)
-    norms = torch.stack([per_sample[k].reshape(batch, -1).norm(2, dim=1) for k in names], dim=1).norm(2, dim=1)
+        return ({k: v.new_zeros(v.shape[1:], dtype=torch.float64) for k, v in per_sample.items()},
+                torch.zeros(0, dtype=torch.float64))
+    ok = finite_records(per_sample) if finite is None else finite.to(torch.bool) & finite_records(per_sample)
+    clean = {k: torch.where(ok.reshape(batch, *([1] * (v.dim() - 1))), v.double(), 0.0) for k, v in per_sample.items()}
+    norms = torch.stack([clean[k].reshape(batch, -1).norm(2, dim=1) for k in names], dim=1).norm(2, dim=1)
     factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-    summed = {k: torch.einsum("i,i...->...", factor, per_sample[k]) for k in names}
-    return summed, norms
+    summed = {k: torch.einsum("i,i...->...", factor, clean[k]) for k in names}
+    return summed, torch.where(ok, norms, math.inf)
 
 
 def private_gradient_fn(
@@ -275,23 +300,27 @@ def private_gradient_fn(
         grads, losses = per_sample(model, params, x, y)
         if only is not None:  # ANIL's inner step: release (clip, noise) these parameters' gradient only
             grads = {k: v for k, v in grads.items() if k in only}
-        summed, _ = clip_and_sum(grads, max_grad_norm=spec.max_grad_norm)
+        # a record whose loss or released gradient is not finite contributes zero to both sums
+        finite = finite_records(grads, losses.detach())
+        summed, _ = clip_and_sum(grads, max_grad_norm=spec.max_grad_norm, finite=finite)
         std = spec.noise_multiplier * spec.max_grad_norm
-        noisy = {k: (v + gaussian_noise(v.shape, std=std, generator=gen)) / expected for k, v in summed.items()}
-        loss_sum = losses.detach().clamp(0.0, spec.loss_clip).sum()
+        noisy = {k: ((v + gaussian_noise(v.shape, std=std, generator=gen, dtype=torch.float64)) / expected)
+                 .to(torch.float32) for k, v in summed.items()}
+        loss_sum = torch.where(finite, losses.detach().double(), 0.0).clamp(0.0, spec.loss_clip).sum()
         loss_std = spec.loss_noise_multiplier * spec.loss_clip
-        noisy_loss = (loss_sum + gaussian_noise((), std=loss_std, generator=gen)) / expected
-        return GradientRelease(noisy, noisy_loss)
+        noisy_loss = ((loss_sum + gaussian_noise((), std=loss_std, generator=gen, dtype=torch.float64)) / expected)
+        return GradientRelease(noisy, noisy_loss.to(torch.float32))
 
     return fn
 
 
-def gaussian_noise(shape: tuple[int, ...] | torch.Size, *, std: float, generator: NoiseSource) -> torch.Tensor:
-    """N(0, std^2) noise of `shape`, from `generator`: a `SecureRandom` (the product) or a seeded
-    `torch.Generator` (tests that replay a run)."""
+def gaussian_noise(shape: tuple[int, ...] | torch.Size, *, std: float, generator: NoiseSource,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """N(0, std^2) noise of `shape` and `dtype`, from `generator`: a `SecureRandom` (the product) or a
+    seeded `torch.Generator` (tests that replay a run)."""
     if isinstance(generator, torch.Generator):
-        return torch.normal(0.0, std, size=tuple(shape), generator=generator)
-    return generator.normal(tuple(shape), std=std)
+        return torch.normal(0.0, std, size=tuple(shape), generator=generator).to(dtype)
+    return generator.normal(tuple(shape), std=std, dtype=dtype)
 
 
 class SecureRandom:
@@ -309,13 +338,13 @@ class SecureRandom:
         raw = np.frombuffer(os.urandom(8 * int(n)), dtype=np.uint64) >> np.uint64(11)
         return (raw.astype(np.float64) + 0.5) * 2.0**-53
 
-    def normal(self, shape: tuple[int, ...], *, std: float) -> torch.Tensor:
+    def normal(self, shape: tuple[int, ...], *, std: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n = int(math.prod(shape))
         m = (n + 1) // 2
         u1, u2 = self.random(m), self.random(m)
         radius = np.sqrt(-2.0 * np.log(u1))
         z = np.concatenate([radius * np.cos(2.0 * math.pi * u2), radius * np.sin(2.0 * math.pi * u2)])[:n]
-        return torch.from_numpy((std * z).astype(np.float32)).reshape(shape)
+        return torch.from_numpy(std * z).to(dtype).reshape(shape)
 
 
 NoiseSource = torch.Generator | SecureRandom

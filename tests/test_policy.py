@@ -144,10 +144,15 @@ def test_two_runs_at_once_at_one_hospital_charge_every_round(rc, tmp_path) -> No
     assert all(not r.has_error() and not r.content[P.METRICS][P.DECLINED] for r in replies)
     entries = LedgerJournal(ledger).entries()
     assert len(entries) == 4 and sorted(e["run"] for e in entries) == [1, 1, 2, 2]
-    true_eps = LedgerJournal(ledger).ledger(delta=load_config(big).target_delta).epsilon()
+    delta = load_config(big).target_delta
+    lifetime = LedgerJournal(ledger).ledger(delta=delta).epsilon()
+    history = LedgerJournal(ledger).ledger(delta=delta).history
+    one, two = (epsilon_of_history(history[:1], delta),
+                epsilon_of_history([(history[0][0], history[0][1], history[0][2] * 2)], delta))
+    # each reply reports its own run's charges only (the lifetime total would reveal the other run)
     reported = sorted(r.content[P.METRICS][P.EPSILON] for r in replies)
-    assert reported[-1] == pytest.approx(true_eps, rel=1e-9)  # the last reply says what the file says
-    assert len(set(round(e, 9) for e in reported)) == 4  # every round saw the charges before it
+    assert reported == pytest.approx([one, one, two, two], rel=1e-9)
+    assert two < lifetime and sorted(r.content[P.METRICS][P.ROUNDS] for r in replies) == [1, 1, 2, 2]
 
 
 # 4. --------------------------------------------------------------------------------------------
@@ -162,7 +167,7 @@ def test_a_resumed_simulation_continues_each_hospitals_ledger_or_is_refused(rc) 
     # without the ledger folder the resume is refused, never restarted from zero
     journal = LedgerJournal(load_config(rc).results_dir + f"/ledgers/hospital-{hid}")
     journal.path.unlink()
-    refused(send({**rc, "resume": True}, sim, MessageType.TRAIN, 2, run_id=9), "no privacy ledger")
+    refused(send({**rc, "resume": True}, sim, MessageType.TRAIN, 2, run_id=9), "[ledger]")
     # a fresh run (resume=false) starts a new ledger and keeps the old one's file beside it
     fresh = send(rc, sim, MessageType.TRAIN, 1, run_id=10)
     assert fresh.content[P.METRICS][P.EPSILON] == pytest.approx(eps1, rel=1e-6)
@@ -188,24 +193,28 @@ def test_the_server_refuses_an_epsilon_that_decreases_or_a_delta_that_differs(rc
 
 
 # 5. --------------------------------------------------------------------------------------------
-def test_a_deleted_ledger_is_refused_and_only_init_creates_one(rc, tmp_path) -> None:
+def test_a_deleted_ledger_is_refused_and_only_init_creates_one(rc, tmp_path, caplog) -> None:
     hid = training_id(rc)
     folder = tmp_path / "ledger"
     nc = deployed_nc(hid, ledger_dir=folder)
-    refused(send(rc, nc, MessageType.QUERY), "no privacy ledger")
-    refused(send(rc, nc, MessageType.TRAIN), "python -m client.ledger init")
+    refused(send(rc, nc, MessageType.QUERY), "[ledger]")
+    with caplog.at_level("ERROR"):
+        reply = send(rc, nc, MessageType.TRAIN)
+    refused(reply, "[ledger]")
+    # the wire carries a generic reason; the path and what to do stay in the hospital's own log
+    assert str(folder) not in reply.error.reason and "python -m client.ledger init" in caplog.text
     assert not folder.exists()  # nothing was created behind the hospital's back
     assert ledger_cli(["init", str(folder)]) == 0
     assert not send(rc, nc, MessageType.TRAIN).has_error()
     assert ledger_cli(["init", str(folder)]) == 2  # never replaces one
     (folder / "privacy_ledger.jsonl").unlink()
-    refused(send(rc, nc, MessageType.TRAIN, 2), "no privacy ledger")
+    refused(send(rc, nc, MessageType.TRAIN, 2), "[ledger]")
     (folder / "privacy_ledger.jsonl").write_text("{not json")
-    refused(send(rc, nc, MessageType.TRAIN, 2), "unreadable")
+    refused(send(rc, nc, MessageType.TRAIN, 2), "[ledger]")
 
 
 # 6. --------------------------------------------------------------------------------------------
-def test_epsilon_is_reported_at_this_runs_delta_over_every_charge(rc, tmp_path) -> None:
+def test_epsilon_is_reported_at_this_runs_delta_over_this_runs_charges(rc, tmp_path) -> None:
     hid = training_id(rc)
     ledger = new_ledger(tmp_path)
     nc = deployed_nc(hid, ledger_dir=ledger, **{"max-delta": 1e-3, "public-num-records": 400})
@@ -216,7 +225,9 @@ def test_epsilon_is_reported_at_this_runs_delta_over_every_charge(rc, tmp_path) 
     assert not m[P.DECLINED]
     history = [(e["noise-multiplier"], e["sample-rate"], e["steps"]) for e in LedgerJournal(ledger).entries()]
     assert len(history) == 2
-    assert m[P.DELTA] == 1e-5 and m[P.EPSILON] == pytest.approx(epsilon_of_history(history, 1e-5), rel=1e-9)
+    # the reply covers this run's charge at this run's delta; the budget check covered every charge
+    assert m[P.DELTA] == 1e-5 and m[P.EPSILON] == pytest.approx(epsilon_of_history(history[1:], 1e-5), rel=1e-9)
+    assert epsilon_of_history(history, 1e-5) > m[P.EPSILON]
 
 
 # 7. --------------------------------------------------------------------------------------------
@@ -253,9 +264,9 @@ def test_the_mechanism_uses_the_secure_source_by_default(monkeypatch) -> None:
     calls = []
     real = SecureRandom.normal
 
-    def spy(self, shape, *, std):
+    def spy(self, shape, *, std, **kw):
         calls.append(std)
-        return real(self, shape, std=std)
+        return real(self, shape, std=std, **kw)
 
     monkeypatch.setattr(SecureRandom, "normal", spy)
     from common.model import build_model, get_params

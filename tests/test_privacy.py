@@ -59,7 +59,7 @@ def test_clipped_mean_equals_opacus_dpoptimizer_without_noise() -> None:
     torch.nn.functional.cross_entropy(gsm(x), y).backward()
     opt.pre_step()
     for name, p in gsm._module.named_parameters():
-        torch.testing.assert_close(ours[name] / 16, p.grad, atol=2e-6, rtol=1e-4)
+        torch.testing.assert_close((ours[name] / 16).float(), p.grad, atol=2e-6, rtol=1e-4)
 
 
 def test_noise_scale_is_sigma_times_clip_over_expected_batch() -> None:
@@ -178,7 +178,7 @@ def test_a_head_only_release_is_clipped_and_noised_in_the_heads_dimension_alone(
     per, _ = per_sample_gradients(model, theta, x, y)
     summed, norms = clip_and_sum({k: per[k] for k in head}, max_grad_norm=clip)
     for k in head:
-        torch.testing.assert_close(rel.grads[k] * q * n, summed[k], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(rel.grads[k] * q * n, summed[k].float(), atol=1e-6, rtol=1e-5)
     total = math.sqrt(sum(float((rel.grads[k] * q * n).pow(2).sum()) for k in head))
     assert total <= 8 * clip + 1e-4 and (norms > clip).any()  # the bound binds somewhere
     noisy = private_gradient_fn(model, spec(sigma, clip), num_records=n, sample_rate=q,
