@@ -5,8 +5,10 @@
    meta-gradients, take the outer optimiser step; every `eval-every` rounds (and at the end) ask
    the held-out hospitals to adapt theta on their K-shot support sets and report scores.
 3. After every round write a checkpoint (`server.checkpoint`) and `<results-dir>/summary.json`,
-   both atomically; at the end also the model and a PNG. With `resume=true` a restarted run
-   continues after the last checkpointed round.
+   both atomically; at the end also the model, `<results-dir>/model.safetensors` with its card
+   (`common.model_file`: what it diagnoses, how it was trained, its privacy record, the adaptation
+   a new site should use), and a PNG. With `resume=true` a restarted run continues after the last
+   checkpointed round.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from flwr.serverapp import Grid, ServerApp
 from common import protocol as P
 from common.config import Config, load_config
 from common.data import dataset_info, held_out_hospitals
-from common.files import atomic_write
 from common.hospital import validation_hospitals
 from common.model import build_model, get_params
+from common.model_file import MODEL_FILE, save_model_file, training_card
 from server.checkpoint import (
     CheckpointError, ServerCheckpoint, check_compatible, checkpoint_path, load_checkpoint, save_checkpoint,
 )
@@ -304,15 +306,18 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
                             "adaptation": last_eval.get("adaptation", _adaptation(cfg, strategy))}
     summary["wall_seconds"] = elapsed + time.monotonic() - t_start
     summary["status"] = "completed"
-    save_model(results / "model.pt", to_array_record(strategy.optimizer.released()))
+    save_model(results / MODEL_FILE, cfg, strategy, summary)
     plot_curves(summary, results / "curves.png")
     write_json_atomic(results / "summary.json", summary)
     log.info("finished %d rounds in %.1fs; results in %s", cfg.num_server_rounds, summary["wall_seconds"], results)
     return summary
 
 
-def save_model(path: Path, arrays: ArrayRecord) -> None:
-    import torch
-
-    with atomic_write(path) as fh:
-        torch.save(arrays.to_torch_state_dict(), fh)
+def save_model(path: Path, cfg: Config, strategy: MetaGradientStrategy, summary: dict[str, Any]) -> None:
+    """The released theta (what held-out hospitals adapt) with its card, as one safetensors file."""
+    final = summary.get("final")
+    adaptation = final["adaptation"] if final else _adaptation(cfg, strategy)
+    card = training_card(cfg, hospitals=summary["hospitals"], adaptation=adaptation, rounds=cfg.num_server_rounds,
+                         training_hospitals=summary["training_hospitals"],
+                         held_out_hospitals=summary["held_out_hospitals"], evaluation=final)
+    save_model_file(path, strategy.optimizer.released(), card)

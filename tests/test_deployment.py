@@ -12,6 +12,7 @@ import pytest
 
 from common.data import held_out_hospitals
 from common.journal import LedgerJournal
+from common.model_file import MODEL_FILE, load_model_file
 from simulations.run import flower_env
 from simulations.deployment import LocalDeployment
 
@@ -63,5 +64,7 @@ def test_three_hospitals_over_tls_with_authentication_two_dp_rounds(deployment) 
         assert len(charges) == 2 and {c["run"] for c in charges} == {charges[0]["run"]}
     assert summary["final"] is not None and 0 <= summary["final"]["accuracy"] <= 1
     assert (dep.results_dir / "checkpoint" / "checkpoint.pt").is_file()
+    model = load_model_file(dep.results_dir / MODEL_FILE, dataset=dep.cfg.dataset)  # hash, shapes, card verified
+    assert model.card["privacy"]["hospitals"] == summary["hospitals"]
     assert not list(dep.results_dir.rglob("privacy_ledger*"))  # never on the server
     print(f"deployed round times: {[round(r['seconds'], 1) for r in summary['rounds']]}")

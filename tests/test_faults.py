@@ -28,6 +28,7 @@ from common.config import ConfigError, load_config
 from common.data import HOSPITAL_MANIFEST, DataError, held_out_hospitals
 from common.hospital import load_site, prepare_hospital_folders
 from common.journal import LedgerJournal
+from common.model_file import MODEL_FILE, load_model_file
 from conftest import REPO, base_run_config, write_synthetic_npz
 from fake_grid import InProcessGrid, ServerCrash
 from server.app import run_federation
@@ -150,10 +151,10 @@ def test_every_malformed_reply_is_rejected_with_its_reason_and_never_reaches_the
         return run_federation(grid, load_config(rc)), grid
 
     clean, _ = run(False)
-    clean_model = torch.load(Path(rc["results-dir"]) / "model.pt", weights_only=True)
+    clean_model = load_model_file(Path(rc["results-dir"]) / MODEL_FILE, dataset="breastmnist").params
     flower_log.clear()
     dirty, _ = run(True)
-    dirty_model = torch.load(Path(rc["results-dir"]) / "model.pt", weights_only=True)
+    dirty_model = load_model_file(Path(rc["results-dir"]) / MODEL_FILE, dataset="breastmnist").params
     warnings = messages_in(flower_log)
     entry = dirty["rounds"][0]
     assert entry["replies"] == clean["rounds"][0]["replies"] == 3
@@ -215,7 +216,7 @@ def test_server_killed_mid_run_resumes_to_the_same_model(medmnist_dir, tmp_path,
     rc = small_rc(medmnist_dir, tmp_path, **{"dp": False, "num-server-rounds": 4, "eval-every": 2,
                                              "clients-per-round": 2, "min-replies": 1, "theta-average": 0.5})
     whole = run_federation(InProcessGrid(rc, nodes_for(rc, tmp_path)), load_config(rc))
-    model_whole = torch.load(Path(rc["results-dir"]) / "model.pt", weights_only=True)
+    model_whole = load_model_file(Path(rc["results-dir"]) / MODEL_FILE, dataset="breastmnist").params
 
     rc2 = {**rc, "results-dir": str(tmp_path / "interrupted")}
     grid = InProcessGrid(rc2, nodes_for(rc2, tmp_path))
@@ -230,7 +231,7 @@ def test_server_killed_mid_run_resumes_to_the_same_model(medmnist_dir, tmp_path,
     assert [r["round"] for r in summary_at_crash["rounds"]] == [1, 2] and summary_at_crash["status"] == "running"
 
     resumed = run_federation(InProcessGrid(rc2, nodes_for(rc2, tmp_path)), load_config({**rc2, "resume": True}))
-    model_resumed = torch.load(Path(rc2["results-dir"]) / "model.pt", weights_only=True)
+    model_resumed = load_model_file(Path(rc2["results-dir"]) / MODEL_FILE, dataset="breastmnist").params
     assert "resuming from" in messages_in(flower_log, logging.INFO)
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3, 4] and resumed["status"] == "completed"
     assert resumed["resumed"][0]["after_round"] == 2

@@ -22,6 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 import common.hospital as H
 from common.config import load_config
 from common.model import get_params
+from common.model_file import MODEL_FILE, load_model_file
 from conftest import REPO, base_run_config
 from fake_grid import InProcessGrid
 from server.app import run_federation
@@ -97,7 +98,7 @@ def test_local_loop_equals_the_flower_apps(medmnist_dir, tmp_path, monkeypatch, 
     grid = InProcessGrid(rc, {100 + h: {"partition-id": h, "num-partitions": cfg.num_hospitals}
                               for h in range(cfg.num_hospitals)})
     summary = run_federation(grid, cfg)
-    theta = torch.load(tmp_path / "results" / "model.pt", weights_only=True)
+    theta = load_model_file(tmp_path / "results" / MODEL_FILE).params
     assert_same(summary, theta, cfg)
 
 
@@ -114,7 +115,7 @@ def test_local_loop_equals_a_flower_simulation_without_dp(medmnist_dir, tmp_path
                          cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=700)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((res / "summary.json").read_text())
-    theta = torch.load(res / "model.pt", weights_only=True)
+    theta = load_model_file(res / MODEL_FILE).params
     assert_same(summary, theta, load_config(rc))
 
 
@@ -125,7 +126,7 @@ def test_adaptation_is_chosen_on_validation_hospitals_and_reported_on_test_hospi
     nodes = {100 + h: {"partition-id": h, "num-partitions": cfg.num_hospitals} for h in range(cfg.num_hospitals)}
     grid = InProcessGrid(rc, nodes)
     summary = run_federation(grid, cfg)
-    theta = torch.load(tmp_path / "results" / "model.pt", weights_only=True)
+    theta = load_model_file(tmp_path / "results" / MODEL_FILE).params
     assert_same(summary, theta, cfg)
     val = set(H.validation_hospitals(cfg))
     held = set(summary["held_out_hospitals"])

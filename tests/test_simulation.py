@@ -13,6 +13,7 @@ import pytest
 from common.config import load_config
 from common.data import dataset_info
 from common.model import build_model, get_params
+from common.model_file import MODEL_FILE, load_model_file
 
 REPO = Path(__file__).resolve().parents[1]
 ALLOWED_METRICS = {"num-examples", "loss", "epsilon", "delta", "rounds-participated", "declined", "hospital-id",
@@ -52,6 +53,9 @@ def test_dp_federation_end_to_end_and_every_outgoing_message(tmp_path, medmnist_
         assert key in final
     assert 0 <= final["accuracy"] <= 1
     assert (res / "curves.png").stat().st_size > 1000
+    model = load_model_file(res / MODEL_FILE, dataset="breastmnist")  # hash, shapes and card verified
+    assert model.card["privacy"]["hospitals"] == hospitals and model.card["privacy"]["dp"] is True
+    assert model.adaptation["method"] == final["adaptation"]["method"] and not (res / "model.pt").exists()
 
     # Every message that left a hospital: only parameter-shaped float32 arrays and scalar metrics.
     cfg = load_config({**run_config, "dataset": "breastmnist"})
