@@ -4,12 +4,18 @@
 It does what the README's "Deployment" walkthrough does by hand (same commands, same flags), for
 the tests (`tests/test_deployment.py`, `tests/test_faults.py`) and for a one-command try-out:
 
-    python -m simulations.deployment [--run-config "key=value ..."] [--keep DIR] [--timeout S]
+    python -m simulations.deployment [--run-config "key=value ..."] [--keep DIR] [--timeout S] [--trusted-entities]
 
 which prepares TLS material and hospital data folders in a temporary folder, starts the SuperLink
 and `num-hospitals` SuperNodes, registers their keys, submits the run with `flwr run`, waits for
 `finished:completed`, prints the per-round times from `summary.json` and stops every process it
 started (also on Ctrl-C or an error).
+
+With `--trusted-entities` (`LocalDeployment(trusted_entities=True)`) every hospital makes its own
+approval key (`client.approve_app`), its SuperNode runs with Flower's `--trusted-entities`, the
+app's FAB is built into a local stand-in for Flower Hub (`server.app_hub`), every hospital signs it,
+and the run is submitted as `flwr run @fedmeta-med/fedmeta-med==<version>`: the SuperNodes run
+only that exact bundle.
 
 Processes are found again by their private FLWR_HOME (`simulations.run.flower_env`), which every
 child inherits: the SuperLink's SuperExec and ServerApp, the SuperNodes' SuperExecs and ClientApps.
@@ -73,6 +79,9 @@ class LocalDeployment:
     run_config: dict[str, Any] = field(default_factory=dict)   # overrides of [tool.flwr.app.config]
     app_dir: Path = APP_DIR
     hospital_data: bool = True                                  # each SuperNode gets its own data folder
+    # Each hospital's SuperNode runs only bundles it approved (`--trusted-entities`, its own key), and
+    # runs are submitted through a local stand-in for Flower Hub (`server.app_hub`): see `publish`.
+    trusted_entities: bool = False
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
@@ -86,6 +95,9 @@ class LocalDeployment:
         self.link_port, *_ = flower_env.free_ports(1)
         self._ports: dict[int, int] = {}
         self._runs: list[subprocess.Popen[bytes]] = []
+        self.hub_dir = self.root / "app-hub"
+        self.hub: Component | None = None
+        self.hub_port = flower_env.free_port() if self.trusted_entities else 0
         requested = self.root / "requested-run-config.toml"
         write_overrides_toml({"results-dir": str(self.results_dir), **self.run_config}, requested)
         fused, self.overrides = resolve_run_config(self.app_dir, [str(requested)])
@@ -119,22 +131,33 @@ class LocalDeployment:
             journal = LedgerJournal(self.ledger_dir(h))
             if not journal.exists():
                 journal.create(hospital_id=h)
+        if self.trusted_entities:
+            from client.approve_app import TRUSTED_ENTITIES, create_approval_key  # noqa: PLC0415
+
+            for h in range(self.cfg.num_hospitals):  # each hospital's own approval key and trust file
+                if not (self.approval_dir(h) / TRUSTED_ENTITIES).exists():
+                    create_approval_key(self.approval_dir(h), name=f"hospital-{h}")
         self.cli_home.config_file.write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.link_port}"\nroot-certificates = "{self.tls.ca_cert}"\n',
             encoding="utf-8")
 
     # -- processes -----------------------------------------------------------------------------
-    def _start(self, comp: Component, argv: list[str]) -> Component:
+    def _start(self, comp: Component, argv: list[str], *, cwd: Path | None = None) -> Component:
         comp.log.parent.mkdir(parents=True, exist_ok=True)
         with open(comp.log, "ab") as log:
-            comp.proc = subprocess.Popen(argv, cwd=str(self.root), env=self._env(comp.home), stdout=log,
+            comp.proc = subprocess.Popen(argv, cwd=str(cwd or self.root), env=self._env(comp.home), stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         return comp
 
     def start_superlink(self, *, timeout: float = 90.0) -> Component:
-        """`flower-superlink` with TLS and SuperNode authentication; waits until the CLI can reach it."""
+        """`flower-superlink` with TLS and SuperNode authentication; waits until the CLI can reach it.
+
+        With `trusted_entities` it fetches `flwr run @app==version` bundles from the local app hub.
+        """
         home = self._home("superlink")
+        if self.trusted_entities:
+            home.extra_env["FLWR_SUPERGRID_API_URL"] = self.hub_url
         comp = self.superlink or Component("superlink", home, self.root / "logs" / "superlink.log")
         self.superlink = self._start(comp, [
             "flower-superlink",
@@ -145,6 +168,53 @@ class LocalDeployment:
         ])
         self._wait(lambda: self.nodes() is not None, timeout, "the SuperLink to answer", self.superlink)
         return self.superlink
+
+    # -- approved bundles (trusted_entities) ---------------------------------------------------
+    @property
+    def hub_url(self) -> str:
+        return f"http://{flower_env.LOOPBACK}:{self.hub_port}"
+
+    def approval_dir(self, hospital_id: int) -> Path:
+        """The hospital's approval key and `trusted-entities.yaml` (its side only)."""
+        return self.root / "approval" / f"hospital-{hospital_id}"
+
+    def start_hub(self, *, timeout: float = 60.0) -> Component:
+        """`python -m server.app_hub serve` on 127.0.0.1: Flower Hub's fetch-fab answer, from `hub_dir`."""
+        import urllib.error  # noqa: PLC0415
+        import urllib.request  # noqa: PLC0415
+
+        self.hub_dir.mkdir(parents=True, exist_ok=True)
+        comp = self.hub or Component("app-hub", self._home("app-hub"), self.root / "logs" / "app-hub.log")
+        self.hub = self._start(comp, [sys.executable, "-m", "server.app_hub", "serve", str(self.hub_dir),
+                                      "--host", flower_env.LOOPBACK, "--port", str(self.hub_port)],
+                               cwd=self.app_dir)
+
+        def answers() -> bool:
+            try:
+                urllib.request.urlopen(f"{self.hub_url}/fab/none", timeout=2)  # noqa: S310 (loopback)
+            except urllib.error.HTTPError:
+                return True  # 404: it is up
+            except OSError:
+                return False
+            return True
+
+        self._wait(answers, timeout, "the app hub to answer", self.hub)
+        return self.hub
+
+    def publish(self, app_dir: Path | None = None, *, approvers: Sequence[int] | None = None) -> str:
+        """Build the app's FAB into the hub and have `approvers` (default: every hospital) sign it; the spec
+        to submit (`@publisher/name==version`)."""
+        from client.approve_app import (  # noqa: PLC0415
+            PRIVATE_KEY, build_fab, fab_filename, fab_info, load_private_key, sign_fab)
+
+        fab = build_fab(app_dir or self.app_dir)
+        self.hub_dir.mkdir(parents=True, exist_ok=True)
+        (self.hub_dir / fab_filename(fab)).write_bytes(fab)
+        info = fab_info(fab)
+        for h in range(self.cfg.num_hospitals) if approvers is None else approvers:
+            record = sign_fab(fab, load_private_key(self.approval_dir(h) / PRIVATE_KEY), signer=f"hospital-{h}")
+            (self.hub_dir / f"{info.sha256[:12]}.hospital-{h}.approval.json").write_text(json.dumps(record, indent=2))
+        return info.spec
 
     def register(self, hospital_id: int) -> None:
         out = self.cli("supernode", "register", str(self.tls.hospital_pub(hospital_id)), CONNECTION)
@@ -188,6 +258,10 @@ class LocalDeployment:
                      str(self.tls.hospital_key(hospital_id if key_of is None else key_of))]
         if max_retries is not None:
             argv += ["--max-retries", str(max_retries), "--max-wait-time", "20"]
+        if self.trusted_entities:
+            from client.approve_app import TRUSTED_ENTITIES  # noqa: PLC0415
+
+            argv += ["--trusted-entities", str(self.approval_dir(hospital_id) / TRUSTED_ENTITIES)]
         return argv
 
     def start_supernode(self, hospital_id: int, **kwargs: Any) -> Component:
@@ -219,6 +293,8 @@ class LocalDeployment:
     def start(self, *, timeout: float = 120.0) -> None:
         """Everything: prepare, SuperLink, register every hospital, one SuperNode each, all online."""
         self.prepare()
+        if self.trusted_entities:
+            self.start_hub()
         self.start_superlink()
         for h in range(self.cfg.num_hospitals):
             self.register(h)
@@ -258,7 +334,8 @@ class LocalDeployment:
         for proc in self._runs:
             if proc.poll() is None:
                 proc.terminate()
-        comps = [*self.supernodes.values(), *([self.superlink] if self.superlink else []), _cli_comp(self.cli_home)]
+        comps = [*self.supernodes.values(), *([self.superlink] if self.superlink else []), _cli_comp(self.cli_home),
+                 *([self.hub] if self.hub else [])]
         for comp in comps:
             flower_env.stop_processes_of_home(comp.home, grace=5)
         for proc in [*self._runs, *(c.proc for c in comps if c.proc is not None)]:
@@ -292,15 +369,19 @@ class LocalDeployment:
         self._wait(lambda: self.online() >= count, timeout, f"{count} SuperNodes to be online",
                    *self.supernodes.values())
 
-    def submit(self, overrides: Mapping[str, Any] | None = None, *, name: str = "run") -> tuple[str, Path]:
-        """`flwr run <app> <connection> --stream --run-config <toml>` in the background; (run id, log)."""
+    def submit(self, overrides: Mapping[str, Any] | None = None, *, name: str = "run",
+               app: str | Path | None = None) -> tuple[str, Path]:
+        """`flwr run <app> <connection> --stream --run-config <toml>` in the background; (run id, log).
+
+        `app` is an app folder (default: this app) or a spec `@publisher/name==version` from `publish`.
+        """
         toml = self.root / f"{name}-run-config.toml"
         write_overrides_toml({**self.overrides, **(overrides or {})}, toml)
         log = self.root / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "wb") as fh:
-            proc = subprocess.Popen([str(flower_env.venv_bin_dir() / "flwr"), "run", str(self.app_dir), CONNECTION,
-                                     "--stream", "--run-config", str(toml)], cwd=str(self.app_dir),
+            proc = subprocess.Popen([str(flower_env.venv_bin_dir() / "flwr"), "run", str(app or self.app_dir),
+                                     CONNECTION, "--stream", "--run-config", str(toml)], cwd=str(self.app_dir),
                                     env=self._env(self.cli_home), stdout=fh, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         self._runs.append(proc)
@@ -371,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep", metavar="DIR", help="work in DIR (a new folder: its ledgers and registrations "
                                                       "would carry over) and keep it (default: a temporary folder)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
+    parser.add_argument("--trusted-entities", action="store_true",
+                        help="SuperNodes run only a bundle their hospital signed (Flower's --trusted-entities)")
     args = parser.parse_args(argv)
 
     from flwr.common.config import parse_config_args  # noqa: PLC0415
@@ -379,12 +462,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.monotonic()
     try:
-        with LocalDeployment(root, run_config=dict(parse_config_args([args.run_config]) if args.run_config else {})) as dep:
+        with LocalDeployment(root, run_config=dict(parse_config_args([args.run_config]) if args.run_config else {}),
+                             trusted_entities=args.trusted_entities) as dep:
             dep.start()
             print(f"SuperLink and {dep.cfg.num_hospitals} SuperNodes up after {time.monotonic() - t0:.1f}s "
                   f"(TLS, SuperNode authentication); submitting the run ...", flush=True)
             t_run = time.monotonic()
-            run_id, log = dep.submit()
+            run_id, log = dep.submit(app=dep.publish() if args.trusted_entities else None)
             status = dep.wait_finished(run_id, timeout=args.timeout)
             print(_ANSI.sub("", log.read_text(errors="replace")), end="")
             if status != "finished:completed":
