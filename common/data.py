@@ -27,7 +27,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -557,15 +557,18 @@ def sample_without_replacement(n: int, size: int, rng: np.random.Generator) -> n
 
 
 def kshot_split(
-    labels: np.ndarray, *, shots: int, rng: np.random.Generator
+    labels: np.ndarray, *, shots: int, rng: np.random.Generator, groups: Sequence[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split positions into (support, query): ``shots`` per class in support, the rest in query.
 
     A class with 2..shots examples puts all but one in support (the query keeps one); a class
-    with a single example puts it in support.
+    with a single example puts it in support. With `groups` (a patient id per record) whole
+    patients go to one side: no patient is ever in both (`_kshot_split_by_patient`).
     """
     labels = _labels_1d(labels)
     shots = _check_int("shots", shots, minimum=1)
+    if groups is not None:
+        return _kshot_split_by_patient(labels, shots=shots, rng=rng, groups=groups)
     support: list[np.ndarray] = []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
@@ -580,6 +583,30 @@ def kshot_split(
     mask = np.ones(labels.shape[0], dtype=bool)
     mask[support_idx] = False
     return support_idx.astype(np.int64), np.flatnonzero(mask).astype(np.int64)
+
+
+def _kshot_split_by_patient(labels: np.ndarray, *, shots: int, rng: np.random.Generator,
+                            groups: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """K-shot split by whole patients: for each class, patients (in random order) join the support set
+    until it holds `shots` records of that class; a class's last patient stays in the query set."""
+    if len(groups) != labels.shape[0]:
+        raise DataError(f"{len(groups)} patient ids for {labels.shape[0]} records")
+    patient = np.asarray([str(g) for g in groups])
+    chosen: set[str] = set()
+    for c in np.unique(labels):
+        have = int(np.isin(patient[labels == c], list(chosen)).sum()) if chosen else 0
+        candidates = sorted(set(patient[labels == c]) - chosen)
+        rng.shuffle(candidates)
+        left = len(set(patient[labels == c]))  # patients with this class not yet in the support set
+        left -= len(set(patient[labels == c]) & chosen)
+        for p in candidates:
+            if have >= shots or left <= 1 < len(set(patient[labels == c])):
+                break
+            chosen.add(p)
+            have += int(((patient == p) & (labels == c)).sum())
+            left -= 1
+    in_support = np.isin(patient, list(chosen))
+    return np.flatnonzero(in_support).astype(np.int64), np.flatnonzero(~in_support).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- hospital folders
@@ -738,3 +765,36 @@ def load_hospital_folder(folder: str | Path, *, flag: str, image_size: int) -> t
     if len(data) != manifest.num_records:
         raise _folder_error(folder, f"{manifest.file} has {len(data)} records, the manifest says {manifest.num_records}")
     return data, manifest
+
+
+def imported_records(folder: Path) -> tuple[HospitalManifest, list[dict[str, Any]] | None]:
+    """The manifest of a hospital folder and its per-record list (`client.import_images`), None without one."""
+    manifest = _read_manifest(folder)
+    raw = json.loads((folder / HOSPITAL_MANIFEST).read_text(encoding="utf-8"))
+    records = raw.get("records")
+    if records is None:
+        return manifest, None
+    if not isinstance(records, list) or len(records) != manifest.num_records or not all(
+            isinstance(r, dict) and isinstance(r.get("file"), str) for r in records):
+        raise DataError(f"hospital data folder {folder}: {HOSPITAL_MANIFEST} has a garbled 'records' list "
+                        f"(expected {manifest.num_records} entries with a 'file'); import the images again")
+    return manifest, records
+
+
+def read_patient_ids(folder: str | Path) -> list[str] | None:
+    """Patient id of every record of an imported hospital folder, in npz order; None if none were given.
+
+    Records come from `client.import_images` with a CSV `patient_id` column (all rows have one, or
+    none). Folders without records (`prepare_hospitals`) give None.
+    """
+    folder = Path(folder).expanduser()
+    _, records = imported_records(folder)
+    if records is None:
+        return None
+    ids = [r.get("patient_id") for r in records]
+    if all(i is None for i in ids):
+        return None
+    if not all(isinstance(i, str) and i for i in ids):
+        raise DataError(f"hospital data folder {folder}: only some records have a patient_id in "
+                        f"{HOSPITAL_MANIFEST}; import the images again with a patient_id on every CSV row")
+    return ids

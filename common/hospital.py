@@ -37,6 +37,7 @@ class Site:
     x: torch.Tensor
     y: torch.Tensor
     info: D.DatasetInfo
+    patient_ids: tuple[str, ...] | None = None  # imported folders with a patient_id per record
 
     @property
     def num_records(self) -> int:
@@ -255,9 +256,11 @@ class AdaptationScores:
 
 
 def adaptation_split(cfg: Config, site: Site) -> tuple[np.ndarray, np.ndarray]:
-    """The site's K-shot support set and the rest, fixed for the run (same draw every evaluation)."""
+    """The site's K-shot support set and the rest, fixed for the run (same draw every evaluation).
+
+    With patient ids (an imported folder) no patient has records on both sides."""
     rng = np.random.default_rng([cfg.seed, 7919, site.hospital_id])
-    return D.kshot_split(site.y.numpy(), shots=cfg.shots, rng=rng)
+    return D.kshot_split(site.y.numpy(), shots=cfg.shots, rng=rng, groups=site.patient_ids)
 
 
 def _adaptation_sets(cfg: Config, site: Site):
@@ -343,7 +346,8 @@ def load_site_from_folder(cfg: Config, folder: str | Path, *, hospital_id: int |
         raise D.DataError(f"hospital data folder {folder} is hospital {manifest.hospital_id}, outside "
                           f"0..{cfg.num_hospitals - 1} (num-hospitals={cfg.num_hospitals})")
     x, y = data.to_tensor()
-    return Site(manifest.hospital_id, x, y, data.info)
+    ids = D.read_patient_ids(folder)
+    return Site(manifest.hospital_id, x, y, data.info, tuple(ids) if ids is not None else None)
 
 
 def hospital_folder_name(hospital_id: int) -> str:

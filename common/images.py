@@ -721,36 +721,8 @@ def import_images(src: str | Path, out: str | Path, info: D.DatasetInfo, *, hosp
     return full
 
 
-def _imported_records(folder: Path) -> tuple[D.HospitalManifest, list[dict[str, Any]] | None]:
-    manifest = D._read_manifest(folder)
-    raw = json.loads((folder / D.HOSPITAL_MANIFEST).read_text(encoding="utf-8"))
-    records = raw.get("records")
-    if records is None:
-        return manifest, None
-    if not isinstance(records, list) or len(records) != manifest.num_records or not all(
-            isinstance(r, dict) and isinstance(r.get("file"), str) for r in records):
-        raise D.DataError(f"hospital data folder {folder}: {D.HOSPITAL_MANIFEST} has a garbled 'records' list "
-                          f"(expected {manifest.num_records} entries with a 'file'); import the images again")
-    return manifest, records
-
-
-def read_patient_ids(folder: str | Path) -> list[str] | None:
-    """Patient id of every record of an imported hospital folder, in npz order; None if none were given.
-
-    Records come from `import_images` with a CSV `patient_id` column (all rows have one, or none).
-    Folders without records (`prepare_hospitals`) give None.
-    """
-    folder = Path(folder).expanduser()
-    _, records = _imported_records(folder)
-    if records is None:
-        return None
-    ids = [r.get("patient_id") for r in records]
-    if all(i is None for i in ids):
-        return None
-    if not all(isinstance(i, str) and i for i in ids):
-        raise D.DataError(f"hospital data folder {folder}: only some records have a patient_id in "
-                          f"{D.HOSPITAL_MANIFEST}; import the images again with a patient_id on every CSV row")
-    return ids
+_imported_records = D.imported_records
+read_patient_ids = D.read_patient_ids
 
 
 def load_image_set(path: str | Path, info: D.DatasetInfo, *, require_labels: bool) -> ImageSet:

@@ -469,3 +469,18 @@ def test_import_speed(tmp_path) -> None:
     dicom_seconds = time.perf_counter() - start
     print(f"10,000 PNGs: {png_seconds:.1f} s; 1,000 DICOM: {dicom_seconds:.1f} s")
     assert png_seconds < 20 and dicom_seconds < 30
+
+
+def test_a_patient_is_never_split_between_support_and_query() -> None:
+    from common.data import kshot_split
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(4, 60))
+        labels = rng.integers(0, 2, size=n)
+        patients = [f"p{int(i)}" for i in rng.integers(0, max(2, n // 3), size=n)]
+        support, query = kshot_split(labels, shots=int(rng.integers(1, 6)), rng=np.random.default_rng(trial),
+                                     groups=patients)
+        assert sorted(np.concatenate([support, query]).tolist()) == list(range(n))
+        assert not {patients[i] for i in support} & {patients[i] for i in query}
+        assert support.size > 0
