@@ -216,3 +216,76 @@ def count_correct(guesses: Sequence[int] | np.ndarray, included: np.ndarray) -> 
     g = np.asarray(guesses)
     truth = np.where(np.asarray(included, dtype=bool), 1, -1)
     return int(((g != 0) & (g == truth)).sum())
+
+
+# --------------------------------------------------------------------------- a malicious server's weights
+
+CRAFTED_KINDS = ("scaled-classifier", "random-huge", "threshold")
+
+
+def _protect(theta: Params, coordinates: np.ndarray) -> Params:
+    """`theta` with the flat `coordinates` set to 0 (the canaries' coordinates: a huge value there would
+    swallow the canary's contribution in float32 rounding, which only helps the hospital)."""
+    flat = flatten(theta).clone()
+    flat[torch.as_tensor(coordinates, dtype=torch.long)] = 0.0
+    out = _unflatten(flat.unsqueeze(0), {k: v.shape for k, v in theta.items()})
+    return {k: v[0].contiguous() for k, v in out.items()}
+
+
+def craft_theta(kind: str, benign: Params, *, weight_limit: float, model: torch.nn.Module | None = None,
+                target: torch.Tensor | None = None, target_label: int | None = None,
+                protect: np.ndarray | None = None, seed: int = 0) -> Params:
+    """Weights a malicious server sends, every entry within ``weight_limit`` (the hospital accepts them).
+
+    - ``scaled-classifier``: `benign` with the last linear layer scaled so its largest entry is the limit
+      (saturated logits: real records' gradients either vanish or become huge, then clipped);
+    - ``random-huge``: every weight uniform in ``[-limit, limit]`` (overflowing activations, inf/NaN
+      per-record gradients that the mechanism must zero);
+    - ``threshold``: `benign` features, with a head whose logit for a wrong class of the record `target`
+      is ``alpha * (u . h(x) - tau)``, ``u = h(target)/|h(target)|``, ``tau = 0.98 |h(target)|`` and alpha
+      as large as the limit allows: `target`'s loss is extreme, records whose features are far from it
+      are barely touched.
+    - ``over-limit`` / ``non-finite``: `benign` scaled to twice the limit / with one NaN (refused).
+
+    `protect` (flat coordinates) are set to 0 in the crafted weights.
+    """
+    L = float(weight_limit)
+    gen = torch.Generator().manual_seed(seed)
+    head = [k for k in benign if k.startswith("classifier.")] or list(benign)[-2:]
+    if kind == "scaled-classifier":
+        peak = max(float(benign[k].abs().max()) for k in head)
+        out = {k: (v * (L / peak) if k in head else v.clone()) for k, v in benign.items()}
+    elif kind == "random-huge":
+        out = {k: (torch.rand(v.shape, generator=gen) * 2 - 1) * L for k, v in benign.items()}
+    elif kind == "threshold":
+        if model is None or target is None or target_label is None:
+            raise AuditError("the threshold construction needs the model, a target record and its label")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(benign[name])
+            h0 = model.features(target.unsqueeze(0))[0].double()
+        w_name, b_name = (k for k in head if k.endswith("weight")), (k for k in head if k.endswith("bias"))
+        w_name, b_name = next(w_name), next(b_name)
+        n_classes = benign[b_name].shape[0]
+        norm0 = float(h0.norm())
+        u = h0 / max(norm0, 1e-12)
+        tau = 0.98 * norm0
+        alpha = 0.999 * L / max(float(u.abs().max()), tau, 1e-12)
+        wrong = (int(target_label) + 1) % n_classes
+        w = torch.zeros_like(benign[w_name])
+        b = torch.zeros_like(benign[b_name])
+        w[wrong] = (alpha * u).float()
+        b[wrong] = -alpha * tau
+        out = {k: v.clone() for k, v in benign.items()} | {w_name: w, b_name: b}
+    elif kind == "over-limit":
+        peak = max(float(v.abs().max()) for v in benign.values())
+        out = {k: v * (2 * L / peak) for k, v in benign.items()}
+    elif kind == "non-finite":
+        out = {k: v.clone() for k, v in benign.items()}
+        first = next(iter(out))
+        out[first].view(-1)[0] = float("nan")
+    else:
+        raise AuditError(f"unknown crafted-weights kind {kind!r}")
+    if protect is not None and kind in CRAFTED_KINDS:
+        out = _protect(out, protect)
+    return out

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -160,6 +161,200 @@ def run_audit(cfg: Config, *, num_canaries: int, guess_fraction: float, canary_h
     }
 
 
+ADVERSARIAL_THREAT_MODEL = (
+    "Malicious server. It chooses the run config at the canary hospital's policy bounds (max-grad-norm = "
+    "grad-norm-limit, loss-clip = loss-clip-limit, steps per round up to steps-per-round-limit, a small batch) and, "
+    "every round, crafts the weights it sends to the canary hospital alone: the benign initialisation with the "
+    "classifier scaled to the weight-limit, uniform random weights in [-weight-limit, weight-limit], or a "
+    "'threshold' head making one known record's loss extreme; the canaries' own coordinates are set to 0 so "
+    "float32 rounding cannot hide them. It also probes over-limit weights (2x weight-limit, NaN) and over-limit "
+    "configs, which the hospital's policy (common.policy.check_weights / check_train, DEPLOYED_LIMITS) refuses "
+    "before reading any record. Accepted weights are trained on through the real mechanism (train_round, secure "
+    "noise, the ledger). Score: sum of the released updates at the canary's coordinate (non-finite entries "
+    "counted and zeroed); guesses and bound as in the benign audit."
+)
+ADVERSARIAL_QUICK_STEPS = 16
+ADVERSARIAL_BATCH_SIZE = 8
+
+
+def run_adversarial_audit(cfg: Config, *, num_canaries: int, guess_fraction: float, canary_hospital: int | None,
+                          audit_seed: int, confidence: float, steps: int | None = None,
+                          batch_size: int = ADVERSARIAL_BATCH_SIZE) -> dict[str, Any]:
+    """The one-run audit against a malicious server that crafts weights and config within the hospital's policy.
+
+    Only the canary hospital is trained: the server sends it crafted weights every round (nothing it
+    aggregates matters to the attack). `steps` per round default to the policy's steps-per-round-limit.
+    """
+    import dataclasses
+
+    import numpy as np
+    import torch
+    from torch.func import functional_call
+
+    from common.audit import (
+        CRAFTED_KINDS, AuditError, canary_per_sample_fn, count_correct, craft_theta, draw_canaries,
+        epsilon_lower_bound, flatten, guess, with_canaries,
+    )
+    from common.hospital import new_model, noise_multiplier_for, sites_for, train_round
+    from common.model import get_params
+    from common.policy import Refusal, check_train, check_weights, parse_node_config
+    from common.privacy import PrivacyLedger, sample_rate
+
+    if not cfg.dp:
+        raise AuditError("the adversarial audit checks the DP mechanism against a malicious server; run it with dp=true")
+    if not cfg.first_order:
+        raise AuditError("gradient-space canaries need a first-order algorithm (fomaml, reptile or fedavg)")
+    t0 = time.perf_counter()
+    training, _ = sites_for(cfg)
+    ids = [s.hospital_id for s in training]
+    if canary_hospital is None:
+        canary_hospital = min(training, key=lambda s: (s.num_records, s.hospital_id)).hospital_id
+    if canary_hospital not in ids:
+        raise AuditError(f"canary hospital {canary_hospital} is not a training hospital; training hospitals: {ids}")
+    num_guesses = round(guess_fraction * num_canaries)
+    if not 2 <= num_guesses <= num_canaries:
+        raise AuditError(f"guess-fraction {guess_fraction} of {num_canaries} canaries gives {num_guesses} guesses")
+    site = training[ids.index(canary_hospital)]
+    real_records = site.num_records
+
+    # the hospital's policy: a deployed training hospital with the default limits
+    policy = parse_node_config({"hospital-id": canary_hospital, "role": "training", "ledger-dir": "(audit)",
+                                "max-epsilon": cfg.target_epsilon, "max-delta": cfg.target_delta,
+                                "public-num-records": real_records}, cfg)
+    gpe = cfg.gradients_per_episode
+    steps = int(policy.steps_per_round_limit if steps is None else min(steps, policy.steps_per_round_limit))
+    if steps < gpe:
+        raise AuditError(f"{steps} steps per round are fewer than one episode ({gpe} gradients)")
+    adv = dataclasses.replace(cfg, max_grad_norm=float(policy.grad_norm_limit), loss_clip=float(policy.loss_clip_limit),
+                              batch_size=int(min(batch_size, policy.batch_size_limit)), local_meta_steps=steps // gpe,
+                              clients_per_round=cfg.num_training_hospitals, noise_multiplier=0.0)
+    check_train(policy, adv, ledger_has_charges=False)  # the chosen config is within the policy
+    refusals: dict[str, int] = {}
+
+    def refused(err: Refusal) -> None:
+        refusals[err.code] = refusals.get(err.code, 0) + 1
+
+    probes = {"max-grad-norm": dict(max_grad_norm=2 * policy.grad_norm_limit),
+              "loss-clip": dict(loss_clip=2 * policy.loss_clip_limit),
+              "steps-per-round": dict(local_meta_steps=int(policy.steps_per_round_limit) // gpe + 1),
+              "batch-size": dict(batch_size=int(policy.batch_size_limit) + 1)}
+    config_probes_accepted = []
+    for key, change in probes.items():
+        try:
+            check_train(policy, dataclasses.replace(adv, **change), ledger_has_charges=False)
+            config_probes_accepted.append(key)
+        except Refusal as err:
+            refused(err)
+    if config_probes_accepted:
+        print(f"[audit] BUG: the policy accepted over-limit config(s) {config_probes_accepted}", flush=True)
+
+    model = new_model(adv, site.info)
+    benign = get_params(model)
+    num_params = sum(v.numel() for v in benign.values())
+    canaries = draw_canaries(num_canaries, num_params, norm=adv.max_grad_norm, seed=audit_seed)
+    full = with_canaries(site, canaries)
+    fn = canary_per_sample_fn(canaries)
+    coords = torch.as_tensor(canaries.coordinates)
+    ledger = PrivacyLedger(delta=adv.target_delta)
+    target_x, target_y = site.x[0], int(site.y[0])  # the record the 'threshold' weights single out
+    scores = torch.zeros(num_canaries, dtype=torch.float64)
+    rounds, released, declined, nonfinite_releases = [], 0, 0, 0
+    for rnd in range(1, adv.num_server_rounds + 1):
+        for kind in ("over-limit", "non-finite"):  # refusals cost the hospital nothing, so the server probes
+            try:
+                check_weights(policy, craft_theta(kind, benign, weight_limit=policy.weight_limit))
+                print(f"[audit] BUG: the policy accepted {kind} weights in round {rnd}", flush=True)
+                rounds.append({"round": rnd, "kind": kind, "accepted": True})
+            except Refusal as err:
+                refused(err)
+        kind = CRAFTED_KINDS[(rnd - 1) % len(CRAFTED_KINDS)]
+        theta = craft_theta(kind, benign, weight_limit=0.999 * policy.weight_limit, model=model, target=target_x,
+                            target_label=target_y, protect=canaries.coordinates, seed=audit_seed * 100_003 + rnd)
+        try:
+            check_weights(policy, theta)
+        except Refusal as err:
+            refused(err)
+            rounds.append({"round": rnd, "kind": kind, "accepted": False, "refusal": err.code})
+            continue
+        with torch.no_grad():  # the auditor's view of how extreme the weights are on the real records
+            logits = functional_call(model, theta, (site.x,))
+            losses = torch.nn.functional.cross_entropy(logits.double(), site.y.long(), reduction="none")
+        finite = torch.isfinite(losses)
+        out = train_round(adv, full, theta, ledger=ledger, server_round=rnd, per_sample_fn=fn)
+        entry = {"round": rnd, "kind": kind, "accepted": True,
+                 "max_abs_weight": max(float(v.abs().max()) for v in theta.values()),
+                 "max_record_loss": float(losses[finite].max()) if finite.any() else None,
+                 "target_record_loss": float(losses[0]),
+                 "records_nonfinite_loss": int((~finite).sum()),
+                 "records_loss_above_clip": int((losses > adv.loss_clip).sum())}
+        if out.update is None:
+            declined += 1
+            rounds.append(entry | {"declined": out.declined})
+            continue
+        g = flatten(out.update.gradient).double()
+        ok = bool(torch.isfinite(g).all()) and math.isfinite(float(out.update.loss))
+        if not ok:
+            nonfinite_releases += 1
+            print(f"[audit] BUG: round {rnd} ({kind}) released a non-finite update or loss", flush=True)
+        scores += torch.nan_to_num(g[coords], nan=0.0, posinf=0.0, neginf=0.0)
+        released += 1
+        rounds.append(entry | {"released_loss": float(out.update.loss), "update_norm": float(g.norm()),
+                               "release_finite": ok})
+        print(f"[audit] round {rnd}/{adv.num_server_rounds}: {kind} weights accepted, update released "
+              f"(max record loss {entry['max_record_loss']}, epsilon so far {ledger.epsilon():.3f})", flush=True)
+    if not released:
+        raise AuditError("the canary hospital released nothing")
+
+    guesses = guess(scores.numpy(), num_guesses)
+    correct = count_correct(guesses, canaries.included)
+    bound = epsilon_lower_bound(num_canaries=num_canaries, num_guesses=num_guesses, num_correct=correct,
+                                delta=adv.target_delta, confidence=confidence)
+    claimed = ledger.epsilon()
+    inc, s = canaries.included, scores.numpy()
+    accepted = [r for r in rounds if r.get("accepted")]
+    return {
+        "adversarial": True,
+        "dp": True,
+        "claimed_epsilon": claimed,
+        "target_epsilon": adv.target_epsilon,
+        "delta": adv.target_delta,
+        "empirical_epsilon_lower_bound": bound,
+        "bound_exceeds_claim": bool(bound > claimed),
+        "confidence": confidence,
+        "canaries": num_canaries,
+        "canaries_included": int(inc.sum()),
+        "guesses": num_guesses,
+        "correct_guesses": correct,
+        "mean_score_included": float(s[inc].mean()) if inc.any() else None,
+        "mean_score_excluded": float(s[~inc].mean()) if (~inc).any() else None,
+        "std_score_excluded": float(s[~inc].std()) if (~inc).any() else None,
+        "refusals": refusals,
+        "over_limit_configs_accepted": config_probes_accepted,
+        "crafted_weights_accepted": len(accepted),
+        "crafted_kinds_released": sorted({r["kind"] for r in accepted if "update_norm" in r}),
+        "rounds_released": released,
+        "rounds_declined_budget": declined,
+        "nonfinite_releases": nonfinite_releases,
+        "adversarial_config": {"max-grad-norm": adv.max_grad_norm, "loss-clip": adv.loss_clip,
+                               "batch-size": adv.batch_size, "steps-per-round": adv.gradient_steps_per_round,
+                               "num-server-rounds": adv.num_server_rounds,
+                               "weight-limit": policy.weight_limit},
+        "noise_multiplier": noise_multiplier_for(adv, full.num_records),
+        "sample_rate": sample_rate(batch_size=adv.batch_size, num_records=full.num_records),
+        "canary_hospital": canary_hospital,
+        "canary_hospital_records": real_records,
+        "records_with_canaries": full.num_records,
+        "algorithm": adv.algorithm,
+        "dataset": adv.dataset,
+        "audit_seed": audit_seed,
+        "threat_model": ADVERSARIAL_THREAT_MODEL,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "per_round": rounds,
+        "per_canary": {"coordinate": canaries.coordinates.tolist(), "included": inc.tolist(),
+                       "score": s.tolist(), "guess": guesses.tolist()},
+    }
+
+
 def plot_scores(record: dict[str, Any], path: Path) -> None:
     """Histogram of the canary scores, included against excluded, with the guessed tails shaded."""
     import matplotlib
@@ -201,6 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--canary-norm", type=float, default=None, help="canary gradient norm (default max-grad-norm)")
     ap.add_argument("--audit-seed", type=int, default=0, help="canary coordinates and membership")
     ap.add_argument("--confidence", type=float, default=0.95)
+    ap.add_argument("--adversarial", action="store_true",
+                    help="malicious-server mode: crafted weights and configs at the hospital policy's limits")
+    ap.add_argument("--adversarial-steps", type=int, default=None,
+                    help=f"DP steps per round in --adversarial mode (default: steps-per-round-limit; "
+                         f"{ADVERSARIAL_QUICK_STEPS} with --quick)")
+    ap.add_argument("--adversarial-batch-size", type=int, default=ADVERSARIAL_BATCH_SIZE,
+                    help=f"expected batch size in --adversarial mode (default {ADVERSARIAL_BATCH_SIZE})")
     args = ap.parse_args(argv)
     try:
         given = parse_overrides(args.run_config)
@@ -222,9 +424,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     m = args.canaries if args.canaries is not None else (QUICK_CANARIES if args.quick else FULL_CANARIES)
     try:
-        record = run_audit(cfg, num_canaries=m, guess_fraction=args.guess_fraction,
-                           canary_hospital=args.canary_hospital, audit_seed=args.audit_seed,
-                           confidence=args.confidence, canary_norm=args.canary_norm)
+        if args.adversarial:
+            steps = args.adversarial_steps
+            if steps is None and args.quick:
+                steps = ADVERSARIAL_QUICK_STEPS
+            record = run_adversarial_audit(cfg, num_canaries=m, guess_fraction=args.guess_fraction,
+                                           canary_hospital=args.canary_hospital, audit_seed=args.audit_seed,
+                                           confidence=args.confidence, steps=steps,
+                                           batch_size=args.adversarial_batch_size)
+        else:
+            record = run_audit(cfg, num_canaries=m, guess_fraction=args.guess_fraction,
+                               canary_hospital=args.canary_hospital, audit_seed=args.audit_seed,
+                               confidence=args.confidence, canary_norm=args.canary_norm)
     except (AuditError, DataError, PrivacyError) as err:
         print(f"audit: {err}", file=sys.stderr)
         return 2
@@ -241,8 +452,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[audit] {cfg.dataset} {cfg.algorithm} dp={cfg.dp}: {record['correct_guesses']}/{record['guesses']} "
           f"guesses correct ({m} canaries) -> empirical epsilon >= {record['empirical_epsilon_lower_bound']:.3f} "
           f"at {record['confidence']:.0%} confidence (delta={cfg.target_delta:g}); claimed epsilon {claimed}")
+    if record.get("adversarial"):
+        print(f"[audit] adversarial: refusals {record['refusals']}, {record['crafted_weights_accepted']} crafted "
+              f"weights accepted ({', '.join(record['crafted_kinds_released'])}), {record['rounds_released']} "
+              f"updates released, {record['nonfinite_releases']} non-finite")
+        if record["bound_exceeds_claim"] or record["nonfinite_releases"] or record["over_limit_configs_accepted"]:
+            print("[audit] !!! PRIVACY BUG: the empirical lower bound exceeds the claimed epsilon, or the policy/"
+                  "mechanism let something through that it must not; investigate before any deployment !!!")
     print(f"[audit] wrote audit.json, canaries.csv and scores.png to {args.out}")
-    return 0
+    return 1 if record.get("adversarial") and record["bound_exceeds_claim"] else 0
 
 
 if __name__ == "__main__":
