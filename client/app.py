@@ -46,7 +46,8 @@ from common.policy import (
     HELD_OUT, TRAINING, HospitalPolicy, Refusal, check_evaluate, check_train, check_weights, coarsen_count,
     coarsen_score, parse_node_config,
 )
-from common.privacy import epsilon_of_history
+from common.privacy import epsilon_of_history, sample_rate
+from common.reply_timing import hold_until, padded_batch, reference_step_seconds
 
 NOISE_STATE = "noise-calibration"  # context.state: the calibrated noise multiplier, computed once per run
 
@@ -170,6 +171,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = time.monotonic()
     cfg, policy = _setup(context)
     check_train(policy, cfg, ledger_has_charges=not cfg.dp and _has_charges(policy))
     theta = _theta(msg, cfg, policy)  # before any record is read or anything is charged
@@ -178,6 +180,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content[P.CONFIG][P.SERVER_ROUND])
     n_pub = _public_num_records(policy, site)
     cfg = _with_noise_multiplier(cfg, context, n_pub)
+    deadline = _reply_deadline(cfg, policy, context, n_pub, site)
     if journal is None:
         outcome, rounds = train_round(cfg, site, theta, ledger=None, server_round=server_round), 0
     else:
@@ -206,7 +209,34 @@ def train(msg: Message, context: Context) -> Message:
             {k: v.detach().to(torch.float32).contiguous() for k, v in outcome.update.gradient.items()}
         )
     content[P.METRICS] = MetricRecord(metrics)
+    if deadline is not None and hold_until(started + deadline) == 0.0:
+        log.warning("hospital %d: the round took longer than its reply deadline (%.2f s): its timing may reveal "
+                    "that it holds more records than it publishes (public-num-records=%d)",
+                    policy.hospital_id, deadline, n_pub)
     return Message(content, reply_to=msg)
+
+
+DEADLINE_STATE = "reply-deadline"  # context.state: the reference step time, measured once per run
+
+
+def _reply_deadline(cfg: Config, policy: HospitalPolicy, context: Context, n_pub: int, site: Site) -> float | None:
+    """Seconds a TRAIN reply waits for at least (`common.reply_timing`), from public quantities only."""
+    if policy.reply_deadline == "off" or not cfg.dp:
+        return None
+    if policy.reply_deadline != "auto":
+        return float(policy.reply_deadline)
+    q = sample_rate(batch_size=cfg.batch_size, num_records=n_pub)
+    batch = padded_batch(sample_rate=q, public_num_records=n_pub)
+    key = f"{cfg.dataset}:{cfg.image_size}:{cfg.activation}:{batch}:{n_pub}"
+    cached = context.state[DEADLINE_STATE] if DEADLINE_STATE in context.state else None
+    if cached is not None and cached.get("key") == key:
+        step = float(cached["step"])
+    else:
+        step = reference_step_seconds(in_channels=site.info.n_channels, num_classes=site.info.n_classes,
+                                      image_size=cfg.image_size, batch=batch, public_num_records=n_pub,
+                                      sample_rate=q, max_grad_norm=cfg.max_grad_norm, activation=cfg.activation)
+        context.state[DEADLINE_STATE] = ConfigRecord({"key": key, "step": step})
+    return policy.reply_deadline_margin * cfg.gradient_steps_per_round * step
 
 
 @app.evaluate()

@@ -19,6 +19,7 @@ against ``vmap`` to 1e-5.
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -29,6 +30,7 @@ from torch.func import functional_call
 Params = dict[str, torch.Tensor]
 SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm)
 
+_LOCK = threading.Lock()  # the forward hooks live on a shared copy of the model: one caller at a time
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, list[tuple[str, nn.Module]]]" = weakref.WeakKeyDictionary()
 
 
@@ -54,7 +56,17 @@ def _plan(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def per_sample_by_layers(model: nn.Module, params: Params, x: torch.Tensor,
                          y: torch.Tensor) -> tuple[Params, torch.Tensor]:
-    """``({name: (B, *shape)}, losses (B,))`` for a model of Conv2d / Linear / GroupNorm layers."""
+    """``({name: (B, *shape)}, losses (B,))`` for a model of Conv2d / Linear / GroupNorm layers.
+
+    Thread-safe: the model (a copy shared per architecture) carries hooks during the call, so calls
+    are serialised.
+    """
+    with _LOCK:
+        return _per_sample_by_layers(model, params, x, y)
+
+
+def _per_sample_by_layers(model: nn.Module, params: Params, x: torch.Tensor,
+                          y: torch.Tensor) -> tuple[Params, torch.Tensor]:
     layers = _plan(model)
     seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -29,6 +29,10 @@ Limits on what the server may ask (a hostile server chooses the run config and e
   whether it answers EVALUATE at all, how often, and how coarse the numbers are. Exact scores on
   weights the server chose are a query oracle on the records; these limits bound it, they do not
   make it DP (README: threat model).
+- ``reply-deadline`` (deployed default ``"auto"``): a TRAIN reply leaves no earlier than a deadline set
+  from public quantities (`common.reply_timing`), so its timing does not reveal the exact record
+  count; ``"off"``, or a number of seconds. ``reply-deadline-margin`` (default 2): the deadline is this
+  many times the synthetic round's time.
 
 A simulated hospital (Flower's ``partition-id``) belongs to the operator who runs the simulation:
 its role follows the run's held-out split, its limits are the run's targets, DP is not required,
@@ -52,7 +56,8 @@ KNOWN_KEYS = frozenset({"hospital-id", "role", "hospital-data", "ledger-dir", "l
                         "require-dp", "public-num-records", "audit-log", "partition-id", "num-partitions",
                         "grad-norm-limit", "loss-clip-limit", "steps-per-round-limit", "batch-size-limit",
                         "weight-limit", "publish-scores", "max-evaluations-per-run", "max-evaluations",
-                        "score-decimals", "count-granularity", "publish-grid"})
+                        "score-decimals", "count-granularity", "publish-grid", "reply-deadline",
+                        "reply-deadline-margin"})
 # A deployed hospital's defaults for what a server may ask (a simulated one: no limit, the operator's own run)
 DEPLOYED_LIMITS = {"grad-norm-limit": 10.0, "loss-clip-limit": 50.0, "steps-per-round-limit": 256,
                    "batch-size-limit": 1024, "weight-limit": 1e4, "max-evaluations-per-run": 4,
@@ -96,6 +101,8 @@ class HospitalPolicy:
     score_decimals: int | None = None
     count_granularity: int = 1
     publish_grid: bool = True
+    reply_deadline: float | str = "off"  # "off", "auto" (from the published count) or seconds per TRAIN reply
+    reply_deadline_margin: float = 2.0
 
 
 def _get(nc: Mapping[str, Any], key: str, kind: type, default: Any = None) -> Any:
@@ -201,7 +208,23 @@ def _limits(nc: Mapping[str, Any], *, simulated: bool, has_ledger: bool) -> dict
         score_decimals=decimals,
         count_granularity=_get(nc, "count-granularity", int, 1 if simulated else DEPLOYED_LIMITS["count-granularity"]),
         publish_grid=_get(nc, "publish-grid", bool, True),
+        reply_deadline=_deadline(nc, simulated=simulated),
+        reply_deadline_margin=limit("reply-deadline-margin", float, minimum=1.0) if "reply-deadline-margin" in nc
+        else 2.0,
     )
+
+
+def _deadline(nc: Mapping[str, Any], *, simulated: bool) -> float | str:
+    value = nc.get("reply-deadline", "off" if simulated else "auto")
+    if isinstance(value, str) and value in ("off", "auto"):
+        return value
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        raise NodeConfigError(f"node config 'reply-deadline' must be \"off\", \"auto\" or seconds >= 0, got {value!r}")
+    return seconds
 
 
 def check_weights(policy: HospitalPolicy, theta: Mapping[str, Any]) -> None:

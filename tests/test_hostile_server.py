@@ -167,3 +167,23 @@ def test_the_lifetime_limit_holds_across_runs(rc, tmp_path) -> None:
     replies = [send_theta(rc, nc, MessageType.EVALUATE, theta, 1, run_id=run) for run in range(1, 5)]
     assert [r.has_error() for r in replies] == [False, False, False, True]  # a new run per message
     refused(replies[3], "[evaluations]")
+
+
+# 5. small leaks ------------------------------------------------------------------------------------
+def test_a_reply_never_leaves_before_its_deadline_whatever_the_record_count(rc, tmp_path, monkeypatch) -> None:
+    import time
+
+    cfg = load_config(rc)
+    hid = training_id(rc)
+    site = load_site(cfg, hid)
+    theta = get_params(new_model(cfg, site.info))
+    half = Site(site.hospital_id, site.x[: site.num_records // 2], site.y[: site.num_records // 2], site.info)
+    for i, dataset in enumerate((half, site)):
+        monkeypatch.setattr(client_mod, "load_site", lambda c, h, _d=dataset: _d)
+        nc = deployed_nc(hid, ledger_dir=new_ledger(tmp_path, f"l{i}"), **{"reply-deadline": 1.5})
+        start = time.monotonic()
+        assert release_is_finite(send_theta(rc, nc, MessageType.TRAIN, theta))
+        assert time.monotonic() - start >= 1.5
+    # "auto" (the deployed default) waits for a deadline set from the published count alone
+    from common.reply_timing import padded_batch
+    assert padded_batch(sample_rate=0.2, public_num_records=160) == 32 + 16  # 32 + 3 * sqrt(32 * 0.8)
