@@ -484,3 +484,24 @@ def test_a_patient_is_never_split_between_support_and_query() -> None:
         assert sorted(np.concatenate([support, query]).tolist()) == list(range(n))
         assert not {patients[i] for i in support} & {patients[i] for i in query}
         assert support.size > 0
+
+
+def test_a_prepared_image_export_imports_back_to_the_hospitals_records(tmp_path, run_config) -> None:
+    from client.prepare_hospitals import main as prepare
+    from common.config import load_config
+    from common.hospital import load_site, load_site_from_folder
+
+    rc = {**run_config, "num-hospitals": 3, "num-held-out": 1}
+    toml = tmp_path / "run.toml"
+    toml.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in rc.items() if k in (
+        "dataset", "data-dir", "num-hospitals", "num-held-out", "seed")))
+    assert prepare([str(tmp_path / "exports"), "--run-config", str(toml), "--as-images"]) == 0
+    cfg = load_config(rc)
+    for h in range(3):
+        assert cli.main([str(tmp_path / "exports" / f"hospital-{h}"), str(tmp_path / f"h{h}"),
+                            "--dataset", cfg.dataset, "--hospital-id", str(h)]) == 0
+        mine, theirs = load_site_from_folder(cfg, tmp_path / f"h{h}", hospital_id=h), load_site(cfg, h)
+
+        def key(site):  # the same records, in any order
+            return sorted((int(y), x.numpy().tobytes()) for x, y in zip(site.x, site.y))
+        assert key(mine) == key(theirs)
