@@ -17,6 +17,8 @@ META_OPTIMIZERS = ("adam", "sgd")
 ADAPT_METHODS = ("sgd", "clipped-sgd", "adam")
 INNER_PARAMS = ("all", "head")
 ACTIVATIONS = ("relu", "tanh")  # common.model.ACTIVATIONS (config stays free of torch)
+ACQUISITION_SHIFTS = ("none", "medmnistc")  # common.acquisition: each hospital's scanner
+ACQUISITION_HELD_OUT = ("unseen", "same", "none")  # held-out hospitals' scanners vs the training ones
 
 
 class ConfigError(ValueError):
@@ -35,6 +37,9 @@ class Config:
     num_held_out: int
     dirichlet_alpha: float
     size_alpha: float
+    acquisition_shift: str
+    acquisition_severity_max: int
+    acquisition_held_out: str
     activation: str
     num_server_rounds: int
     clients_per_round: int
@@ -208,6 +213,9 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
         num_held_out=_int(rc, "num_held_out", lo=0),
         dirichlet_alpha=_float(rc, "dirichlet_alpha", lo=0.0),
         size_alpha=_float(rc, "size_alpha", lo=0.0),
+        acquisition_shift=_choice(rc, "acquisition_shift", ACQUISITION_SHIFTS),
+        acquisition_severity_max=_int(rc, "acquisition_severity_max", lo=1, hi=5),
+        acquisition_held_out=_choice(rc, "acquisition_held_out", ACQUISITION_HELD_OUT),
         activation=_choice(rc, "activation", ACTIVATIONS),
         num_server_rounds=_int(rc, "num_server_rounds", lo=1),
         clients_per_round=_int(rc, "clients_per_round", lo=1),

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from common import data as D
+from common.acquisition import AcquisitionError, Profile, acquisition_profiles, acquisition_rng, apply_profile
 from common.algorithms import Algorithm
 from common.config import Config
 from common.maml import (
@@ -61,13 +62,37 @@ def hospital_indices(cfg: Config, labels: np.ndarray, n_classes: int) -> list[np
 
 
 def load_site(cfg: Config, hospital_id: int) -> Site:
-    """The records of hospital `hospital_id` under the run's partitioning (deterministic from seed)."""
+    """The records of hospital `hospital_id` under the run's partitioning (deterministic from seed),
+    as its scanner acquires them (`acquisition-shift`; with "none" exactly the file's images)."""
     if not 0 <= hospital_id < cfg.num_hospitals:
         raise D.DataError(f"hospital id {hospital_id} is outside 0..{cfg.num_hospitals - 1} (num-hospitals)")
     ds = D.load_medmnist(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, download=cfg.download)
     idx = _partition(cfg, ds)[hospital_id]
-    x, y = ds.to_tensor(idx)
+    profile = site_profiles(cfg)[hospital_id]
+    if profile is None:
+        x, y = ds.to_tensor(idx)
+    else:
+        x, y = D.MedMNISTData(_acquired(cfg, ds, idx, hospital_id, profile), ds.labels[idx], ds.info).to_tensor()
     return Site(hospital_id, x, y, ds.info)
+
+
+def site_profiles(cfg: Config) -> dict[int, Profile | None]:
+    """Every simulated hospital's acquisition profile (`common.acquisition`; None: original images)."""
+    held = D.held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed)
+    try:
+        return acquisition_profiles(
+            D.dataset_info(cfg.dataset, cfg.image_size).flag, cfg.num_hospitals, held, cfg.seed,
+            shift=cfg.acquisition_shift, severity_max=cfg.acquisition_severity_max, held_out=cfg.acquisition_held_out,
+            image_size=cfg.image_size,
+        )
+    except AcquisitionError as err:
+        raise D.DataError(f"acquisition-shift={cfg.acquisition_shift!r}: {err}") from None
+
+
+def _acquired(cfg: Config, ds: D.MedMNISTData, idx: np.ndarray, hospital_id: int, profile: Profile) -> np.ndarray:
+    """Hospital `hospital_id`'s uint8 images as its scanner (`profile`) acquires them; noise seeded by
+    the run seed and the hospital id."""
+    return apply_profile(ds.images[idx], profile, flag=ds.info.flag, rng=acquisition_rng(cfg.seed, hospital_id))
 
 
 def sites_for(cfg: Config) -> tuple[list[Site], list[Site]]:
@@ -358,7 +383,7 @@ def prepare_hospital_folders(cfg: Config, out_dir: str | Path) -> list[D.Hospita
     """Split the run's MedMNIST file into one folder per hospital, exactly as the simulation does.
 
     `out_dir/hospital-<i>/` gets hospital i's records (`load_site` and `load_site_from_folder` give
-    the same tensors). The training hospitals are checked against the privacy target first. All
+    the same tensors, acquisition profile included; the manifest's `source.acquisition` names it). The training hospitals are checked against the privacy target first. All
     folders are written into a staging folder beside `out_dir` and renamed into place at the
     end: on any error nothing is left behind. `out_dir` must not exist or be empty.
     """
@@ -375,12 +400,21 @@ def prepare_hospital_folders(cfg: Config, out_dir: str | Path) -> list[D.Hospita
     check_privacy_budget(cfg, min(int(idx.size) for h, idx in enumerate(parts) if h not in held_out))
     source = {"file": D.npz_path(info.flag, "", info.image_size).name, "num_hospitals": cfg.num_hospitals,
               "dirichlet_alpha": cfg.dirichlet_alpha, "size_alpha": cfg.size_alpha, "seed": cfg.seed}
+    profiles = site_profiles(cfg)
+    extra: dict[int, dict] = {h: {} for h in range(cfg.num_hospitals)}
+    if cfg.acquisition_shift != "none":  # with no shift the folders and manifests are exactly as before
+        pooled = np.array(ds.images)  # one writable copy; each hospital's rows replaced by its acquired images
+        for h, idx in enumerate(parts):
+            if profiles[h] is not None:
+                pooled[idx] = _acquired(cfg, ds, idx, h, profiles[h])
+            extra[h] = {"acquisition": None if profiles[h] is None else profiles[h].to_json()}
+        ds = D.MedMNISTData(pooled, ds.labels, ds.info)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         manifests = [
             D.write_hospital_folder(staging / hospital_folder_name(h), ds, idx, hospital_id=h, split_sizes=splits,
-                                    source={**source, "held_out": h in held_out})
+                                    source={**source, "held_out": h in held_out, **extra[h]})
             for h, idx in enumerate(parts)
         ]
         os.chmod(staging, 0o755)
