@@ -3,9 +3,9 @@
 Every method in the experiments hands over an initialisation theta; the new hospital then runs
 the *same* protocol on the *same* K-shot support draws:
 
-- `kshot_draws`: seeded, class-balanced K-shot support sets of a held-out site (``draws`` of them),
-  the rest of the site being the query (test) set. The draws depend only on (seed, hospital, K,
-  draw), never on the method, so methods are compared paired.
+- the K-shot draws are `common.hospital.kshot_draw` (draw d of a held-out site; draw 0 is the split
+  the apps score), the rest of the site being the query (test) set. They depend only on (seed,
+  hospital, K, draw), never on the method, so methods are compared paired.
 - `finetune_curve`: full-batch SGD at ``lr`` from theta (`common.adaptation.finetune_trajectory`,
   which `common.hospital.adapt_and_score` uses), scored on the query set at several step counts
   along one trajectory (0 = no adaptation); `finetune_curves` does it for several support draws
@@ -31,33 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import data as D
 from common.adaptation import finetune_trajectory
 from common.maml import Params, Scores, evaluate, forward
 from common.model import build_model, get_params
-
-
-@dataclass(frozen=True)
-class SupportDraw:
-    """One K-shot draw at a held-out site: positions into the site's records."""
-
-    hospital_id: int
-    shots: int
-    draw: int
-    support: np.ndarray
-    query: np.ndarray
-
-
-def kshot_draws(labels: np.ndarray, *, hospital_id: int, shots: int, draws: int, seed: int) -> list[SupportDraw]:
-    """`draws` K-shot (support, query) splits of one site, identical for every method."""
-    if draws < 1:
-        raise ValueError(f"draws must be >= 1, got {draws}")
-    out = []
-    for d in range(draws):
-        rng = np.random.default_rng([seed, 104729, hospital_id, shots, d])
-        s, q = D.kshot_split(labels, shots=shots, rng=rng)
-        out.append(SupportDraw(hospital_id, shots, d, s, q))
-    return out
 
 
 def finetune_curve(

@@ -280,18 +280,43 @@ class AdaptationScores:
     loss: float
 
 
-def adaptation_split(cfg: Config, site: Site) -> tuple[np.ndarray, np.ndarray]:
-    """The site's K-shot support set and the rest, fixed for the run (same draw every evaluation).
+KSHOT_SALT = 7919  # the K-shot draw's seed salt (draw 0 keeps the apps' historical key)
 
-    With patient ids (an imported folder) no patient has records on both sides."""
-    rng = np.random.default_rng([cfg.seed, 7919, site.hospital_id])
-    return D.kshot_split(site.y.numpy(), shots=cfg.shots, rng=rng, groups=site.patient_ids)
+
+def kshot_draw(seed: Config | int, site: Site, shots: int, draw: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Draw `draw` of the site's K-shot split: (support positions, query positions), sorted.
+
+    The one K-shot draw of the project. Draw 0 is what the apps score (the ClientApp's held-out
+    evaluation, `adapt_and_score` and `adaptation_grid_scores`, hence `local_loop`); the harness
+    (`compare`, `levers`) scores draws 0..n-1 of every held-out hospital, so its draw 0 is exactly
+    the apps' split. Deterministic in (run seed, hospital id, draw) and the site's labels; `seed` is
+    the run's `Config` or its seed. `shots` per class go to the support set, every other record to
+    the query set (no cap). With patient ids (an imported folder) no patient has records on both
+    sides (`common.data.kshot_split`).
+    """
+    s = seed.seed if isinstance(seed, Config) else seed
+    if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
+        raise TypeError(f"seed must be a Config or an int, got {type(seed).__name__}")
+    if isinstance(draw, bool) or not isinstance(draw, (int, np.integer)) or draw < 0:
+        raise ValueError(f"draw must be a non-negative int, got {draw!r}")
+    key = [int(s), KSHOT_SALT, site.hospital_id] + ([int(draw)] if draw else [])
+    return D.kshot_split(site.y.numpy(), shots=shots, rng=np.random.default_rng(key), groups=site.patient_ids)
+
+
+def kshot_sets(seed: Config | int, site: Site, shots: int, draw: int = 0):
+    """`kshot_draw` as tensors: ((support x, support y), (query x, query y))."""
+    s_idx, q_idx = kshot_draw(seed, site, shots, draw)
+    s_t, q_t = torch.as_tensor(s_idx), torch.as_tensor(q_idx)
+    return (site.x[s_t], site.y[s_t]), (site.x[q_t], site.y[q_t])
+
+
+def adaptation_split(cfg: Config, site: Site) -> tuple[np.ndarray, np.ndarray]:
+    """The run's K-shot split of the site, fixed for the run: `kshot_draw` draw 0 at `shots`."""
+    return kshot_draw(cfg, site, cfg.shots)
 
 
 def _adaptation_sets(cfg: Config, site: Site):
-    s_idx, q_idx = adaptation_split(cfg, site)
-    s_t, q_t = torch.as_tensor(s_idx), torch.as_tensor(q_idx)
-    return (site.x[s_t], site.y[s_t]), (site.x[q_t], site.y[q_t])
+    return kshot_sets(cfg, site, cfg.shots)
 
 
 def adapt_and_score(cfg: Config, site: Site, theta: Params) -> AdaptationScores:

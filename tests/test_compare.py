@@ -76,7 +76,11 @@ def test_an_experiment_file_without_a_required_key_or_the_centralised_settings_i
     ok = tmp_path / "ok.toml"
     ok.write_text(body)
     exp = load_experiment(ok, quick=False)
-    assert exp["method"][0]["kind"] == "federated" and exp["query-cap"] == 0
+    assert exp["method"][0]["kind"] == "federated" and "query-cap" not in exp
+    capped = tmp_path / "capped.toml"  # the query cap is gone (issue 19): the apps score every query record
+    capped.write_text(body.replace("draws = 1\n", "draws = 1\nquery-cap = 300\n"))
+    with pytest.raises(ValueError, match="query-cap"):
+        load_experiment(capped, quick=False)
     no_draws = tmp_path / "no-draws.toml"
     no_draws.write_text(body.replace("draws = 1\n", ""))
     with pytest.raises(ValueError, match="'draws'"):

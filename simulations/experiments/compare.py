@@ -14,9 +14,9 @@ adaptation (theta as is) and after the chosen adaptation; each method gets its o
 The experiment file (TOML):
 
     name = "..."; datasets = [...]; seeds = [...]; epsilons = [8, "inf"]; shots = [1, 5, 10]
-    draws = 3               # K-shot draws per test hospital        (all of the above are required)
+    draws = 3               # K-shot draws per held-out hospital (`common.hospital.kshot_draw` draws
+                            # 0..draws-1; draw 0 is the split the apps score)  (all of the above are required)
     dirichlet-alphas = [1.0]     # optional; default: pyproject's dirichlet-alpha
-    query-cap = 300              # optional; default 0 (score every query record)
     [run-config]            # overrides of pyproject's [tool.flwr.app.config] for every method
     [dataset-run-config.<flag>]  # and for one dataset (e.g. fewer hospitals for a small set)
     [[method]]              # name, kind = "federated" (default) | "local" | "centralised",
@@ -87,9 +87,11 @@ def load_experiment(path: Path, *, quick: bool) -> dict[str, Any]:
     for key in ("name", "datasets", "seeds", "epsilons", "shots", "draws", "method"):
         if key not in raw:
             raise ValueError(f"experiment file {path}: missing key {key!r}")
-    # the only defaults: the partition's skew from pyproject, no query cap, no overrides
+    if "query-cap" in raw:  # removed (issue 19): the apps score every query record, so the harness does too
+        raise ValueError(f"experiment file {path}: 'query-cap' is no longer supported; every query record is "
+                         "scored, as in the apps (common.hospital.kshot_draw); remove the key")
+    # the only defaults: the partition's skew from pyproject, no overrides
     raw.setdefault("dirichlet-alphas", [app_config()["dirichlet-alpha"]])
-    raw.setdefault("query-cap", 0)
     # the file's first skew is the main one; the others run each method's `skew-epsilons` only (also
     # when --only-alphas leaves just a skew alpha)
     raw["main-alpha"] = float(raw["dirichlet-alphas"][0])
@@ -200,35 +202,31 @@ def train(method: Mapping[str, Any], rc: Mapping[str, Any], cache: Path | None, 
     return theta, {**facts, "cached": False}
 
 
-def score(theta, cfg, held, val_ids, shots, draws: int, seed: int, query_cap: int = 0) -> list[dict[str, Any]]:
+def score(theta, cfg, held, val_ids, shots, draws: int, seed: int) -> list[dict[str, Any]]:
     """Validation hospitals at every point of the server's adaptation grid; test hospitals as is and at the choice.
 
     As the server does it: per K, the validation hospitals' grid scores (mean over their draws)
     choose the adaptation (`choose_adaptation`), and only then are the test hospitals adapted, with
-    that choice alone (a test hospital's scores never influence the choice). With `query_cap` > 0 a
-    query set larger than that is replaced by a seeded subsample of that size (the same for every
-    method: scoring cost is mostly the forward pass over the query set at every grid point).
+    that choice alone (a test hospital's scores never influence the choice). The K-shot sets are
+    `common.hospital.kshot_draw` draws 0..draws-1 (draw 0: the split the apps score), every query
+    record scored, the same draws for every method.
     """
     import numpy as np
-    import torch
 
     from common.adaptation import AS_IS, choose_adaptation, finetune, score_grid
-    from common.baselines import kshot_draws
-    from common.hospital import new_model
+    from common.hospital import kshot_sets, new_model
     from common.maml import evaluate
 
     rows = []
     val = [s for s in held if s.hospital_id in val_ids]
     test = [s for s in held if s.hospital_id not in val_ids]
 
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+
     def sets(site, k):
-        for dr in kshot_draws(site.y.numpy(), hospital_id=site.hospital_id, shots=k, draws=draws, seed=seed):
-            query = dr.query
-            if query_cap and len(query) > query_cap:
-                rng = np.random.default_rng([seed, 31337, site.hospital_id, k, dr.draw])
-                query = np.sort(rng.choice(query, size=query_cap, replace=False))
-            s, q = torch.as_tensor(dr.support), torch.as_tensor(query)
-            yield dr.draw, (site.x[s], site.y[s]), (site.x[q], site.y[q])
+        for d in range(draws):
+            yield (d, *kshot_sets(seed, site, k, d))
 
     def row(site, role, k, draw, point, sc):
         return {"hospital": site.hospital_id, "role": role, "shots": k, "draw": draw, "adapt_method": point[0],
@@ -286,8 +284,7 @@ def run(exp: Mapping[str, Any], *, cache: Path | None, only_dataset: str | None,
                         common = {"dataset": dataset, "dirichlet_alpha": float(alpha), "seed": int(seed),
                                   "method": method["name"], "epsilon": eps_label(eps)}
                         score_rows += [{**common, **r} for r in score(theta, load_config(rc), held, val_ids, shots,
-                                                                      int(exp["draws"]), int(seed),
-                                                                      int(exp["query-cap"]))]
+                                                                      int(exp["draws"]), int(seed))]
                         run_rows.append({**common, **facts, "total_seconds": round(time.perf_counter() - t0, 1)})
                         log(f"{PREFIX} {dataset} alpha={alpha:g} seed={seed} {method['name']} eps={eps_label(eps)}: "
                             f"train {facts['train_seconds']}s{' (cached)' if facts['cached'] else ''}, "
@@ -376,8 +373,8 @@ def render(exp, report, runs, pairs: dict[str, Any], command: str) -> str:
              "the adaptation (method × lr × steps from the server's grid, 0 steps included) is chosen per method, "
              "ε, K and seed on the **validation** hospitals; the table reports the **test** hospitals only "
              f"(seeds {list(exp['seeds'])}, {exp['draws']} K-shot draws per test hospital, the same draws for "
-             f"every method; query sets above {exp['query-cap'] or 'no'} records subsampled, the same "
-             "subsample for every method). Cells: AUC mean ± std over seeds of the per-seed mean over hospitals and draws (validation hospitals at the chosen adaptation; test hospitals as is and after it). "
+             f"every method, drawn by `common.hospital.kshot_draw`: draw 0 is the split the apps score; every "
+             "query record scored). Cells: AUC mean ± std over seeds of the per-seed mean over hospitals and draws (validation hospitals at the chosen adaptation; test hospitals as is and after it). "
              "ΔAUC: paired difference on the same (seed, hospital, draw), mean over seeds [95% t-interval over "
              "seeds] and the share of pairs won.", ""]
     for ds in report.dataset.unique():

@@ -4,7 +4,8 @@
 
 How the defaults were chosen (issue 8): the apps' own computation (`local_loop.meta_train`), then at
 the **validation** hospitals only (`common.hospital.validation_hospitals`; test hospitals are never
-looked at), K = 10 per class, 3 support draws each: AUC of theta as is and the three best points of
+looked at), K = 10 per class, 3 support draws each (`common.hospital.kshot_draw` draws 0..2, draw 0
+being the split the apps score; every query record scored): AUC of theta as is and the three best points of
 the adaptation grid. Prints one JSON line.
 
 `--averages 0,0.5,0.7` scores several server averages of theta (`theta-average`) from the one
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigProblem, ValueError) as err:
         print(f"levers: {err}", file=sys.stderr)
         return 2
+    if args.draws < 1 or args.shots < 1:
+        print(f"levers: --draws and --shots must be >= 1 (got {args.draws}, {args.shots})", file=sys.stderr)
+        return 2
     if not all(0.0 <= d < 1.0 for d in decays):
         print(f"levers: --averages {args.averages}: every decay must be in [0, 1)", file=sys.stderr)
         return 2
@@ -45,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from common.adaptation import AS_IS, score_grid
     from common.aggregate import moving_average
-    from common.baselines import kshot_draws
-    from common.hospital import new_model, sites_for, validation_hospitals
+    from common.hospital import kshot_sets, new_model, sites_for, validation_hospitals
     from simulations.experiments.local_loop import meta_train
 
     torch.set_num_threads(1)
@@ -61,10 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         auc: dict = {}
         for site in val:
             model = new_model(cfg, site.info)
-            for d in kshot_draws(site.y.numpy(), hospital_id=site.hospital_id, shots=args.shots, draws=args.draws,
-                                 seed=cfg.seed):
-                s, q = torch.as_tensor(d.support), torch.as_tensor(d.query)
-                for p, sc in score_grid(model, theta, (site.x[s], site.y[s]), (site.x[q], site.y[q]),
+            for d in range(args.draws):
+                support, query = kshot_sets(cfg, site, args.shots, d)
+                for p, sc in score_grid(model, theta, support, query,
                                         num_classes=site.info.n_classes, max_grad_norm=cfg.max_grad_norm).items():
                     auc.setdefault(p, []).append(sc.auc)
         means = {p: float(np.nanmean(v)) for p, v in auc.items()}
