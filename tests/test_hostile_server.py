@@ -187,3 +187,27 @@ def test_a_reply_never_leaves_before_its_deadline_whatever_the_record_count(rc, 
     # "auto" (the deployed default) waits for a deadline set from the published count alone
     from common.reply_timing import padded_batch
     assert padded_batch(sample_rate=0.2, public_num_records=160) == 32 + 16  # 32 + 3 * sqrt(32 * 0.8)
+
+
+# 4. a rolled-back ledger ------------------------------------------------------------------------------
+def test_a_ledger_cut_back_by_whole_lines_is_refused_by_the_deployed_hospital(rc, tmp_path, caplog) -> None:
+    """The review cut three charges (epsilon 11.06) to one (6.87), then to the header alone (0)."""
+    cfg = load_config(rc)
+    hid = training_id(rc)
+    theta = get_params(new_model(cfg, load_site(cfg, hid).info))
+    ledger = new_ledger(tmp_path)
+    nc = deployed_nc(hid, ledger_dir=ledger, **{"max-epsilon": 1e6, "reply-deadline": "off"})
+    big = {**rc, "target-epsilon": 50.0, "num-server-rounds": 3}
+    for rnd in (1, 2, 3):
+        assert not send_theta(big, nc, MessageType.TRAIN, theta, rnd).has_error()
+    path = ledger / "privacy_ledger.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    assert len(lines) == 4  # header + three charges
+    for kept in (lines[:2], lines[:1]):  # one charge left, then the header alone
+        path.write_text("".join(kept))
+        with caplog.at_level("ERROR"):
+            reply = send_theta(big, nc, MessageType.TRAIN, theta, 4)
+        refused(reply, "[ledger]")
+        assert str(ledger) not in reply.error.reason  # the details stay in the hospital's log
+        assert "mark" in caplog.text and "backup" not in caplog.text.lower()
+    assert path.read_text() == lines[0]  # nothing was appended to the rolled-back file
