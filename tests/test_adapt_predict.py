@@ -20,7 +20,7 @@ from PIL import Image
 from common.adaptation import finetune
 from common.config import load_config
 from common.data import MedMNISTData, dataset_info
-from common.maml import class_probabilities, evaluate, predict_logits
+from common.maml import class_probabilities, evaluate
 from common.model import build_model, get_params
 from common.operating_point import (
     RULE_PREVALENCE, RULE_SUPPORT_BALANCE, RULE_YOUDEN_CV, OperatingPoint, bayes_threshold, choose_threshold,

@@ -2,7 +2,7 @@
 
 Fast tests drive Flower's own code paths in-process: the SuperNode's loader of the
 `--trusted-entities` file and its `_verify_fab` check, and the SuperLink's Flower Hub download
-(`_get_remote_fab`) against `server.app_hub`. The deployment test (markers `deployment`, `slow`)
+(`_get_remote_fab`) against `server.app_hub`. The deployment test (`tests/test_deployment.py`)
 starts a SuperLink and three SuperNodes with `--trusted-entities` and shows that a bundle differing
 from the approved one by one byte of `client/app.py` is refused, as is an unsigned `flwr run .`,
 while the approved bundle runs to completion.
@@ -15,7 +15,6 @@ import json
 import shutil
 import stat
 import threading
-import time
 import zipfile
 from pathlib import Path
 
@@ -182,92 +181,3 @@ def test_hub_refuses_ambiguous_or_unknown_versions(fab, hub, tmp_path) -> None:
     with pytest.raises(app_hub.HubLookupError) as err:
         app_hub.AppHub(folder).find(info.app_id, "9.9.9")
     assert err.value.status == 404 and err.value.detail == {"available_app_versions": [info.version]}
-
-
-# -- a real deployment ---------------------------------------------------------------------------
-RUN_CONFIG = {"num-hospitals": 3, "num-held-out": 1, "clients-per-round": 2, "min-replies": 2,
-              "num-server-rounds": 1, "inner-steps": 1, "eval-every": 1, "dp": True, "target-epsilon": 8.0,
-              "round-timeout": 300.0, "wait-for-nodes": 120.0}
-
-
-def _wait_for_refusals(dep, since: dict[int, int], *, timeout: float = 240.0) -> dict[int, str]:
-    """Wait until every SuperNode logged a refusal after offset `since[h]`; the refusal lines."""
-    deadline = time.monotonic() + timeout
-    found: dict[int, str] = {}
-    while time.monotonic() < deadline and len(found) < len(dep.supernodes):
-        for h, comp in dep.supernodes.items():
-            text = comp.log.read_text(errors="replace")[since[h]:]
-            for line in text.splitlines():
-                if "FAB verification failed" in line or "App verification is not supported" in line:
-                    found[h] = line
-        time.sleep(1.0)
-    return found
-
-
-def _log_sizes(dep) -> dict[int, int]:
-    return {h: len(c.log.read_text(errors="replace")) for h, c in dep.supernodes.items()}
-
-
-@pytest.mark.deployment
-@pytest.mark.slow
-def test_supernodes_refuse_a_modified_bundle_and_run_the_approved_one(tmp_path, medmnist_dir) -> None:
-    from common.journal import LedgerJournal
-    from simulations.deployment import LocalDeployment
-    from simulations.run import flower_env
-
-    t0 = time.monotonic()
-    dep = LocalDeployment(tmp_path / "deployment", run_config={"data-dir": str(medmnist_dir), **RUN_CONFIG},
-                          trusted_entities=True)
-    try:
-        dep.start()
-        assert all("--trusted-entities" in c.proc.args for c in dep.supernodes.values())
-        spec = dep.publish()                                   # built into the hub, signed by all three
-        approved = next(dep.hub_dir.glob("*.fab"))
-        fab = approved.read_bytes()
-        approvals = {p: json.loads(p.read_text()) for p in dep.hub_dir.glob(f"*{aa.APPROVAL_SUFFIX}")}
-        assert len(approvals) == 3
-        charges = {h: len(LedgerJournal(dep.ledger_dir(h)).entries()) for h in dep.training_hospitals()}
-
-        # (1) the server swaps one byte of client/app.py and serves the hospitals' approvals with it
-        bad_tree = tampered_tree(fab, tmp_path / "tampered")
-        bad = aa.build_fab(bad_tree)
-        approved.unlink()
-        (dep.hub_dir / aa.fab_filename(bad)).write_bytes(bad)
-        for path, record in approvals.items():
-            path.write_text(json.dumps({**record, "fab_sha256": aa.fab_info(bad).sha256}))
-        since = _log_sizes(dep)
-        run_id, _ = dep.submit(name="tampered", app=spec)
-        refused = _wait_for_refusals(dep, since)
-        dep.stop_run(run_id)
-        assert sorted(refused) == [0, 1, 2] and all("FAB verification failed" in v for v in refused.values())
-        assert "with 3 approval(s)" in dep.hub.log.read_text()
-
-        # (2) the server skips the hub and submits its modified folder directly (no signature at all)
-        since = _log_sizes(dep)
-        run_id, _ = dep.submit(name="unsigned", app=bad_tree)
-        refused = _wait_for_refusals(dep, since)
-        dep.stop_run(run_id)
-        assert sorted(refused) == [0, 1, 2] and all("not supported" in v for v in refused.values())
-
-        # nothing of either bundle ran at a hospital: no ClientApp, no privacy spent
-        assert {h: len(LedgerJournal(dep.ledger_dir(h)).entries()) for h in dep.training_hospitals()} == charges
-        t_refused = time.monotonic() - t0
-
-        # (3) the approved bundle, with the hospitals' own approvals, runs to completion
-        for path in dep.hub_dir.glob("*.fab"):
-            path.unlink()
-        approved.write_bytes(fab)
-        for path, record in approvals.items():
-            path.write_text(json.dumps(record))
-        run_id, log = dep.submit(name="approved", app=spec)
-        status = dep.wait_finished(run_id, timeout=900)
-        assert status == "finished:completed", log.read_text(errors="replace")[-4000:]
-        summary = dep.summary()
-        assert [r["round"] for r in summary["rounds"]] == [1] and summary["rounds"][0]["replies"] == 2
-        for h in dep.training_hospitals():
-            assert len(LedgerJournal(dep.ledger_dir(h)).entries()) == charges[h] + 1
-        print(f"refusals after {t_refused:.1f}s; approved run done after {time.monotonic() - t0:.1f}s")
-    finally:
-        dep.close()
-    homes = [dep.cli_home, *(c.home for c in dep.supernodes.values()), *(c.home for c in (dep.superlink, dep.hub) if c)]
-    assert [pid for h in homes for pid in flower_env.pids_with_env("FLWR_HOME", str(h.path))] == []

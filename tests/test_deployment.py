@@ -1,5 +1,6 @@
 """A real deployment on 127.0.0.1 (marker `deployment`): one SuperLink and three SuperNodes, TLS and
-SuperNode authentication on, each hospital reading only its own data folder, two rounds with DP.
+SuperNode authentication on, each hospital reading only its own data folder and running only the app
+bundle it approved (`--trusted-entities`), two rounds with DP.
 
 Runs the README walkthrough's commands through `simulations.deployment.LocalDeployment`, and stops
 every process it started, also when the test fails.
@@ -7,6 +8,9 @@ every process it started, also when the test fails.
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +19,7 @@ from common.journal import LedgerJournal
 from common.model_file import MODEL_FILE, load_model_file
 from simulations.run import flower_env
 from simulations.deployment import LocalDeployment
+from tests.test_app_trust import aa, tampered_tree
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 
@@ -24,13 +29,15 @@ RUN_CONFIG = {"num-hospitals": 3, "num-held-out": 1, "clients-per-round": 2, "mi
 
 
 def leftover_processes(dep: LocalDeployment) -> list[int]:
-    homes = [dep.cli_home, *(c.home for c in dep.supernodes.values())] + ([dep.superlink.home] if dep.superlink else [])
+    homes = [dep.cli_home, *(c.home for c in dep.supernodes.values())] + \
+        [c.home for c in (dep.superlink, dep.hub) if c is not None]
     return [pid for h in homes for pid in flower_env.pids_with_env("FLWR_HOME", str(h.path))]
 
 
 @pytest.fixture
 def deployment(tmp_path, medmnist_dir):
-    dep = LocalDeployment(tmp_path / "deployment", run_config={"data-dir": str(medmnist_dir), **RUN_CONFIG})
+    dep = LocalDeployment(tmp_path / "deployment", run_config={"data-dir": str(medmnist_dir), **RUN_CONFIG},
+                          trusted_entities=True)
     try:
         yield dep
     finally:
@@ -38,12 +45,63 @@ def deployment(tmp_path, medmnist_dir):
     assert leftover_processes(dep) == []
 
 
-def test_three_hospitals_over_tls_with_authentication_two_dp_rounds(deployment) -> None:
+def _wait_for_refusals(dep, since: dict[int, int], *, timeout: float = 240.0) -> dict[int, str]:
+    """Wait until every SuperNode logged a refusal after offset `since[h]`; the refusal lines."""
+    deadline = time.monotonic() + timeout
+    found: dict[int, str] = {}
+    while time.monotonic() < deadline and len(found) < len(dep.supernodes):
+        for h, comp in dep.supernodes.items():
+            for line in comp.log.read_text(errors="replace")[since[h]:].splitlines():
+                if "FAB verification failed" in line or "App verification is not supported" in line:
+                    found[h] = line
+        time.sleep(1.0)
+    return found
+
+
+def _log_sizes(dep) -> dict[int, int]:
+    return {h: len(c.log.read_text(errors="replace")) for h, c in dep.supernodes.items()}
+
+
+def _refuse_unapproved_bundles(dep: LocalDeployment, spec: str, tmp: Path) -> None:
+    """A bundle with one byte of client/app.py changed, served with the hospitals' approvals or sent
+    directly with `flwr run <folder>`, is refused by every SuperNode before any ClientApp runs."""
+    approved = next(dep.hub_dir.glob("*.fab"))
+    fab = approved.read_bytes()
+    approvals = {p: json.loads(p.read_text()) for p in dep.hub_dir.glob(f"*{aa.APPROVAL_SUFFIX}")}
+    assert len(approvals) == 3
+    bad_tree = tampered_tree(fab, tmp / "tampered")
+    bad = aa.build_fab(bad_tree)
+    approved.unlink()
+    (dep.hub_dir / aa.fab_filename(bad)).write_bytes(bad)
+    for path, record in approvals.items():
+        path.write_text(json.dumps({**record, "fab_sha256": aa.fab_info(bad).sha256}))
+    since = _log_sizes(dep)
+    run_id, _ = dep.submit(name="tampered", app=spec)
+    refused = _wait_for_refusals(dep, since)
+    dep.stop_run(run_id)
+    assert sorted(refused) == [0, 1, 2] and all("FAB verification failed" in v for v in refused.values())
+    since = _log_sizes(dep)
+    run_id, _ = dep.submit(name="unsigned", app=bad_tree)
+    refused = _wait_for_refusals(dep, since)
+    dep.stop_run(run_id)
+    assert sorted(refused) == [0, 1, 2] and all("not supported" in v for v in refused.values())
+    for path in dep.hub_dir.glob("*.fab"):  # the approved bundle and approvals back in place
+        path.unlink()
+    approved.write_bytes(fab)
+    for path, record in approvals.items():
+        path.write_text(json.dumps(record))
+
+
+def test_three_hospitals_over_tls_with_authentication_two_dp_rounds(deployment, tmp_path) -> None:
     dep = deployment
     dep.start()
     nodes = dep.nodes()
     assert nodes is not None and sorted(n["status"] for n in nodes) == ["online"] * 3  # registered and online
-    run_id, log = dep.submit()
+    assert all("--trusted-entities" in c.proc.args for c in dep.supernodes.values())
+    spec = dep.publish()  # built into the hub, signed by all three hospitals
+    _refuse_unapproved_bundles(dep, spec, tmp_path)
+    assert all(not LedgerJournal(dep.root / "ledgers" / f"hospital-{h}").entries() for h in dep.training_hospitals())
+    run_id, log = dep.submit(app=spec)  # the approved bundle
     status = dep.wait_finished(run_id, timeout=900)
     stream = log.read_text(errors="replace")
     assert status == "finished:completed", stream[-4000:]

@@ -187,7 +187,6 @@ def run_adversarial_audit(cfg: Config, *, num_canaries: int, guess_fraction: flo
     """
     import dataclasses
 
-    import numpy as np
     import torch
     from torch.func import functional_call
 
