@@ -233,39 +233,60 @@ def finite_records(per_sample: Params, losses: torch.Tensor | None = None) -> to
 
     A server may send weights that overflow for some records only (a logit of inf for one patient):
     such a record must contribute nothing, not a NaN that would mark the release as containing it.
+    A record's gradient is finite exactly when its squared norm summed in float64 is (float32 entries
+    squared cannot overflow float64), so this costs one norm per record.
     """
+    ok = torch.isfinite(_squared_norms(per_sample))
+    if losses is not None:
+        ok &= torch.isfinite(losses.reshape(-1))
+    return ok
+
+
+def _squared_norms(per_sample: Params) -> torch.Tensor:
+    """(B,) float64: each record's squared L2 norm over every parameter (NaN or inf when not finite)."""
     names = list(per_sample)
     batch = per_sample[names[0]].shape[0]
-    ok = torch.ones(batch, dtype=torch.bool)
     if batch == 0:
-        return ok
-    for k in names:
-        ok &= torch.isfinite(per_sample[k].reshape(batch, -1)).all(dim=1)
-    if losses is not None:
-        ok &= torch.isfinite(losses.reshape(batch))
-    return ok
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.stack([torch.linalg.vector_norm(per_sample[k].reshape(batch, -1), dim=1, dtype=torch.float64)
+                        .square() for k in names], dim=1).sum(dim=1)
+
+
+# Below this bound on (records x C) a float32 sum of clipped gradients cannot overflow (float32's
+# largest value is 3.4e38); above it (a clip value no hospital policy allows) the sum runs in float64.
+_FLOAT32_SAFE_SUM = 1e36
 
 
 def clip_and_sum(per_sample: Params, *, max_grad_norm: float,
                  finite: torch.Tensor | None = None) -> tuple[Params, torch.Tensor]:
     """Clip each record's whole gradient (all parameters together) to L2 norm `max_grad_norm` and sum.
 
-    Returns the summed clipped gradients and the per-record norms before clipping, both in float64:
-    every clipped record has norm <= C, so with C bounded by the hospital's policy the sum of a batch
-    cannot overflow, whatever weights the server sent. A record that is not `finite` (default: every
-    record whose gradient has a NaN or inf entry, `finite_records`) contributes exactly zero and
-    reports norm inf. The factor ``min(1, C / (norm + 1e-6))`` is Opacus' own.
+    Returns the summed clipped gradients (float64) and the per-record norms before clipping (float64,
+    inf for a record that contributes nothing). The norms are computed in float64, so a huge but finite
+    gradient is clipped, never overflowed; a record whose gradient has a NaN or inf entry, or that
+    `finite` marks False (e.g. a non-finite loss), contributes exactly zero. Every clipped record has
+    norm <= C, so the sum of B records is at most B*C per coordinate: it is summed in float32 while
+    that cannot overflow and in float64 beyond. The factor ``min(1, C / (norm + 1e-6))`` is Opacus' own.
     """
     names = list(per_sample)
     batch = per_sample[names[0]].shape[0]
     if batch == 0:
         return ({k: v.new_zeros(v.shape[1:], dtype=torch.float64) for k, v in per_sample.items()},
                 torch.zeros(0, dtype=torch.float64))
-    ok = finite_records(per_sample) if finite is None else finite.to(torch.bool) & finite_records(per_sample)
-    clean = {k: torch.where(ok.reshape(batch, *([1] * (v.dim() - 1))), v.double(), 0.0) for k, v in per_sample.items()}
-    norms = torch.stack([clean[k].reshape(batch, -1).norm(2, dim=1) for k in names], dim=1).norm(2, dim=1)
-    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-    summed = {k: torch.einsum("i,i...->...", factor, clean[k]) for k in names}
+    norms = _squared_norms(per_sample).sqrt()
+    ok = torch.isfinite(norms)
+    if finite is not None:
+        ok &= finite.to(torch.bool)
+    grads = per_sample
+    if not bool(ok.all()):  # zero the records that contribute nothing (NaN * 0 would still be NaN)
+        grads = {k: torch.where(ok.reshape(batch, *([1] * (v.dim() - 1))), v, torch.zeros((), dtype=v.dtype))
+                 for k, v in per_sample.items()}
+    factor = torch.where(ok, (max_grad_norm / (norms + 1e-6)).clamp(max=1.0), 0.0)
+    if batch * max_grad_norm < _FLOAT32_SAFE_SUM:
+        f32 = factor.to(torch.float32)
+        summed = {k: torch.einsum("i,i...->...", f32.to(grads[k].dtype), grads[k]).double() for k in names}
+    else:
+        summed = {k: torch.einsum("i,i...->...", factor, grads[k].double()) for k in names}
     return summed, torch.where(ok, norms, math.inf)
 
 
@@ -301,8 +322,9 @@ def private_gradient_fn(
         if only is not None:  # ANIL's inner step: release (clip, noise) these parameters' gradient only
             grads = {k: v for k, v in grads.items() if k in only}
         # a record whose loss or released gradient is not finite contributes zero to both sums
-        finite = finite_records(grads, losses.detach())
-        summed, _ = clip_and_sum(grads, max_grad_norm=spec.max_grad_norm, finite=finite)
+        summed, norms = clip_and_sum(grads, max_grad_norm=spec.max_grad_norm,
+                                     finite=torch.isfinite(losses.detach().reshape(-1)))
+        finite = torch.isfinite(norms)
         std = spec.noise_multiplier * spec.max_grad_norm
         noisy = {k: ((v + gaussian_noise(v.shape, std=std, generator=gen, dtype=torch.float64)) / expected)
                  .to(torch.float32) for k, v in summed.items()}
