@@ -96,8 +96,19 @@ def test_noise_measurement_compares_one_release_of_every_parameter():
     got = B.bench_noise(reps=3)
     model = new_model(load_config(base_run_config()), dataset_info("breastmnist"))
     assert got["noise"]["num_parameters"] == sum(p.numel() for p in model.parameters())
-    assert got["secure_noise_seconds"] > 0 and got["mt_noise_seconds"] > 0
-    assert got["secure_noise_over_mt"] > 0 and got["noise"]["releases"]["secure"]["reps"] == 3
+    # the ratio is the pairwise one (each secure release over the Mersenne Twister release beside it):
+    # bracketed by its own extremes, and the baseline's own ratio is exactly 1
+    rel = got["noise"]["releases"]
+    assert rel["mt"]["ratio_min"] == rel["mt"]["ratio_median"] == rel["mt"]["ratio_max"] == 1.0
+    assert rel["secure"]["ratio_min"] <= got["secure_noise_over_mt"] <= rel["secure"]["ratio_max"]
+    assert got["secure_noise_seconds"] == rel["secure"]["median_seconds"]
+
+
+def test_ratio_statistics_pair_runs_one_by_one():
+    """A worked answer: the ratio median is the median of pairwise ratios, not a ratio of medians."""
+    stats = B._ratio_stats({"a": [2.0, 10.0, 3.0], "b": [1.0, 1.0, 3.0]}, "b")
+    assert stats["a"]["ratio_median"] == 2.0  # pairwise 2, 10, 1 (the ratio of medians would be 3)
+    assert stats["a"]["median_seconds"] == 3.0 and (stats["a"]["ratio_min"], stats["a"]["ratio_max"]) == (1.0, 10.0)
 
 
 def test_the_synthetic_scale_file_is_read_as_the_dataset_it_stands_in_for(tmp_path):

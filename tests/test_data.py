@@ -165,9 +165,9 @@ def test_npz_path_official_names(tmp_path, monkeypatch):
     assert SUPPORTED_SIZES == (28, 64, 128, 224)
 
 
-def test_module_imports_stay_clean():
-    """common/ must never import flwr or torchvision, and must not import medmnist at import time."""
-    tree = ast.parse(Path(data.__file__).read_text())
+def _imports(path: Path) -> tuple[set[str], set[str]]:
+    """(every imported top-level package, those imported at module level) of one source file."""
+    tree = ast.parse(path.read_text())
     all_imports, top_level = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -175,7 +175,24 @@ def test_module_imports_stay_clean():
             all_imports.update(n.split(".")[0] for n in names)
             if node in tree.body:
                 top_level.update(n.split(".")[0] for n in names)
-    assert "flwr" not in all_imports and "torchvision" not in all_imports and "medmnist" not in top_level
+    return all_imports, top_level
+
+
+def test_module_imports_stay_clean():
+    """No module of common/ imports flwr or torchvision, and none imports medmnist at import time."""
+    modules = sorted(Path(data.__file__).parent.glob("*.py"))
+    assert len(modules) > 10
+    for path in modules:
+        all_imports, top_level = _imports(path)
+        assert "flwr" not in all_imports and "torchvision" not in all_imports, path.name
+        assert "medmnist" not in top_level, path.name
+
+
+def test_the_import_check_sees_a_flower_import(tmp_path):
+    """The check above fails on a module that imports Flower, even inside a function."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("import numpy\n\ndef f():\n    from flwr.app import Message\n")
+    assert "flwr" in _imports(bad)[0] and "flwr" not in _imports(bad)[1]
 
 
 def test_metadata_comes_from_medmnists_info_without_running_the_package():

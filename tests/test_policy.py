@@ -247,9 +247,22 @@ def test_nothing_that_leaves_the_site_depends_on_the_exact_record_count(rc) -> N
 
 
 # 8. --------------------------------------------------------------------------------------------
-def test_noise_comes_from_the_secure_generator_with_the_right_scale() -> None:
+def test_noise_comes_from_the_secure_generator_with_the_right_scale(rc, monkeypatch) -> None:
+    # a DP round with no generator injected draws its noise and its samples from the OS source
+    calls = {"normal": 0, "random": 0}
+    for name in calls:
+        real = getattr(SecureRandom, name)
+
+        def spy(self, *a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(self, *a, **kw)
+        monkeypatch.setattr(SecureRandom, name, spy)
+    cfg = load_config({**rc, "local-meta-steps": 1})
+    _, theta = theta_for(rc)
+    train_round(cfg, load_site(cfg, training_id(rc)), theta, ledger=PrivacyLedger(delta=cfg.target_delta),
+                server_round=1)
+    assert calls["normal"] >= len(theta) and calls["random"] >= 1
     src = secure_generator()
-    assert isinstance(src, SecureRandom)
     a, b = src.normal((200_000,), std=2.0), SecureRandom().normal((200_000,), std=2.0)
     assert not torch.equal(a, b)
     for z in (a, b):

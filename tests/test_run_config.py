@@ -85,5 +85,11 @@ def test_absolute_path_keeps_absolute_and_expands_user(monkeypatch, tmp_path):
     assert run_config.absolute_path("e", "/x/y") == "/x/y/e"
 
 
-def test_app_config_is_pyprojects_table():
-    assert run_config.app_config() == _base_config()
+def test_app_config_is_the_app_folders_pyproject_table(tmp_path):
+    """Read from the folder it is given (not a copy of this repository's table): another app's values
+    come back as that app's pyproject says, with their types."""
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.flwr.app.config]\ndataset = "pathmnist"\nnum-server-rounds = 3\ndp = false\ntarget-epsilon = 2.5\n')
+    assert run_config.app_config(tmp_path) == {"dataset": "pathmnist", "num-server-rounds": 3, "dp": False,
+                                               "target-epsilon": 2.5}
+    assert run_config.app_config()["dataset"] == _base_config()["dataset"]
