@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -49,6 +50,7 @@ def measure(data_dir: str, repeats: int) -> dict:
     out: dict = {"public_num_records": PUBLIC, "repeats": repeats, "local_meta_steps": cfg.local_meta_steps,
                  "batch_size": cfg.batch_size, "seconds": {}}
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["FEDMETA_HOME"] = str(Path(tmp) / "home")  # the throwaway ledgers' marks stay in tmp
         for deadline in ("off", "auto"):
             for n in REAL:
                 site = Site(1, x_all[:n], y_all[:n], ds.info)
