@@ -13,10 +13,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 
 import client.app as client_mod
-from client.app import app as client_app
 from common import protocol as P
 from common.config import load_config
 from common.hospital import Site, load_site, new_model
@@ -24,20 +23,14 @@ from common.journal import LedgerJournal
 from common.maml import per_sample_gradients
 from common.model import build_model, get_params
 from common.privacy import PrivacySpec, private_gradient_fn
-from server.strategy import to_array_record
-from tests.test_policy import _task_identity, deployed_nc, held_out_id, new_ledger, rc, refused, training_id  # noqa: F401
+from tests.test_policy import _task_identity, deployed_nc, held_out_id, new_ledger, rc, refused, send, training_id  # noqa: F401
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
-def send_theta(rc: dict, nc: dict, kind: str, theta: dict, rnd: int = 1, *, run_id: int = 1,
-               state: RecordDict | None = None, config: dict | None = None) -> Message:
-    ctx = Context(run_id=run_id, node_id=100, node_config=nc, state=state if state is not None else RecordDict(),
-                  run_config=rc)
-    msg = Message(RecordDict({P.ARRAYS: to_array_record(theta),
-                              P.CONFIG: ConfigRecord({P.SERVER_ROUND: rnd, **(config or {})})}),
-                  dst_node_id=100, message_type=kind)
-    return client_app(msg, ctx)
+def send_theta(rc: dict, nc: dict, kind: str, theta: dict, rnd: int = 1, **kw) -> Message:
+    """`tests.test_policy.send` with the weights a hostile server chose."""
+    return send(rc, nc, kind, rnd, theta=theta, **kw)
 
 
 def crafted_theta(cfg, site: Site) -> tuple[dict, int]:

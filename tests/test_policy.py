@@ -60,8 +60,10 @@ def deployed_nc(hid: int, role: str = "training", ledger_dir=None, **extra) -> d
 
 
 def send(rc: dict, nc: dict, kind: str, rnd: int = 1, *, run_id: int = 1, state: RecordDict | None = None,
-         config: dict | None = None) -> Message:
-    _, theta = theta_for(rc)
+         config: dict | None = None, theta: dict | None = None) -> Message:
+    """One message to the real ClientApp with node config `nc`; `theta` defaults to the run's initialisation."""
+    if theta is None:
+        _, theta = theta_for(rc)
     ctx = Context(run_id=run_id, node_id=100, node_config=nc, state=state if state is not None else RecordDict(),
                   run_config=rc)
     msg = Message(RecordDict({P.ARRAYS: to_array_record(theta),
