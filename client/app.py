@@ -40,7 +40,7 @@ from common.hospital import (
     noise_multiplier_for, param_shapes, train_round,
 )
 from common.data import dataset_info
-from common.journal import LedgerJournal
+from common.journal import LedgerJournal, history_of
 from common.evaluation_count import EvaluationLimit, reserve_evaluation
 from common.policy import (
     HELD_OUT, TRAINING, HospitalPolicy, Refusal, check_evaluate, check_train, check_weights, coarsen_count,
@@ -134,14 +134,14 @@ def _this_run(journal: LedgerJournal, context: Context, delta: float) -> tuple[f
     """(epsilon, rounds) of this run's charges alone: what the server is told.
 
     A simulated hospital's journal is its simulation's own (a resumed simulation is a new Flower run
-    that continues it), so it reports the whole journal. The lifetime total (every run the hospital ever took part in) stays in the hospital's own log
-    and `python -m client.ledger show`; sending it would tell this server about the other runs.
+    that continues it), so it reports the whole journal. The lifetime total (every run the hospital
+    ever took part in) stays in the hospital's own log and `python -m client.ledger show`; sending it
+    would tell this server about the other runs.
     """
     entries = journal.entries()
     simulated = "hospital-id" not in context.node_config
     mine = entries if simulated else [e for e in entries if str(e.get("run")) == str(context.run_id)]
-    history = [(float(e["noise-multiplier"]), float(e["sample-rate"]), int(e["steps"])) for e in mine]
-    return epsilon_of_history(history, delta), len(mine)
+    return epsilon_of_history(history_of(mine), delta), len(mine)
 
 
 def _has_charges(policy: HospitalPolicy) -> bool:

@@ -23,23 +23,12 @@ import argparse
 import csv
 import io
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 EXIT_ERROR = 2
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
 
 
 def predict_folder(model_path: str | Path, images_path: str | Path) -> dict[str, Any]:
@@ -119,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_csv(out, r["files"], r["names"], r["prob"], r["pred"])
         m = r["metrics"]
         if m is not None:
-            from common.files import atomic_write  # noqa: PLC0415
+            from common.files import atomic_write, json_safe  # noqa: PLC0415
 
             plot = Path(args.plot).expanduser() if args.plot else out.with_suffix(".png")
             metrics_path = out.with_suffix(".metrics.json")
@@ -127,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             payload = {"model": str(Path(args.model).resolve()), "model_weights_sha256": weights,
                        "images": str(Path(args.images).resolve()), "decision_rule": r["point"].to_json(), **m}
             with atomic_write(metrics_path, "w") as fh:
-                json.dump(_clean(payload), fh, indent=2, allow_nan=False)
+                json.dump(json_safe(payload), fh, indent=2, allow_nan=False)
                 fh.write("\n")
             plot_roc_reliability(plot, r["labels"], r["prob"], label_names=r["names"], threshold=r["point"],
                                  title=f"{r['card']['dataset']['flag']}: {m['n']} images", metrics=m)

@@ -1,4 +1,4 @@
-"""The one atomic file write: a temporary file beside the target, fsynced, renamed over it, folder synced.
+"""The one atomic file write (and the one JSON-safe conversion of what is written): a temporary file beside the target, fsynced, renamed over it, folder synced.
 
 A crash at any moment leaves either the old file or the new one, never a half-written one; an
 exception inside the block deletes the temporary file and leaves the old file untouched.
@@ -7,10 +7,26 @@ exception inside the block deletes the temporary file and leaves the old file un
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
+
+
+def json_safe(value: Any) -> Any:
+    """A JSON-safe copy: NaN/Inf -> None (JSON has no NaN), tuples -> lists, numpy scalars -> Python, keys -> str."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def fsync_dir(folder: str | Path) -> None:

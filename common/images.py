@@ -721,8 +721,7 @@ def import_images(src: str | Path, out: str | Path, info: D.DatasetInfo, *, hosp
     return full
 
 
-_imported_records = D.imported_records
-read_patient_ids = D.read_patient_ids
+read_patient_ids = D.read_patient_ids  # re-exported: the patient ids of an imported folder
 
 
 def load_image_set(path: str | Path, info: D.DatasetInfo, *, require_labels: bool) -> ImageSet:
@@ -735,7 +734,7 @@ def load_image_set(path: str | Path, info: D.DatasetInfo, *, require_labels: boo
     if not (path.is_dir() and (path / D.HOSPITAL_MANIFEST).is_file()):
         return read_image_source(path, info, require_labels=require_labels)[0]
     data, _ = D.load_hospital_folder(path, flag=info.flag, image_size=info.image_size)
-    manifest, records = _imported_records(path)
+    manifest, records = D.imported_records(path)
     if records is None:
         files = tuple(f"{manifest.file}#{i}" for i in range(len(data)))
     else:

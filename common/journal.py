@@ -112,7 +112,7 @@ class Chain:
         return self.hashes[-1]
 
     def history(self) -> list[tuple[float, float, int]]:
-        return _history(self.entries)
+        return history_of(self.entries)
 
     def last_epsilon(self) -> tuple[float, float | None]:
         """Epsilon over every charge at the last charge's delta (0 and None for an empty journal)."""
@@ -471,5 +471,6 @@ def _read_v1(data: bytes, source: Path) -> tuple[dict[str, Any], list[dict[str, 
     return head, entries
 
 
-def _history(entries: list[dict[str, Any]]) -> list[tuple[float, float, int]]:
+def history_of(entries: list[dict[str, Any]]) -> list[tuple[float, float, int]]:
+    """The accountant's history (noise multiplier, sample rate, steps) of journal charges."""
     return [(float(e["noise-multiplier"]), float(e["sample-rate"]), int(e["steps"])) for e in entries]

@@ -29,7 +29,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import struct
 import subprocess
 import time
@@ -39,13 +38,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from common.config import Config
 from common.data import DataError, DatasetInfo, dataset_info
-from common.files import atomic_write
+from common.files import atomic_write, json_safe
 from common.model import ACTIVATIONS, SmallCNN
 from common.privacy import ACCOUNTANT, RDP_ORDERS
 
@@ -163,7 +161,7 @@ def save_model_file(path: str | Path, params: Mapping[str, torch.Tensor], card: 
     card is not changed. Refuses weights that do not fit the card's architecture or are not finite,
     so every file written here loads.
     """
-    card = _jsonable(copy.deepcopy(dict(card)))
+    card = json_safe(copy.deepcopy(dict(card)))
     weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in params.items()}
     _check_card(path, card, loading=False)
     _check_layout(path, card, {k: (list(v.shape), "F32") for k, v in weights.items()})
@@ -364,19 +362,6 @@ def _check_layout(path: str | Path, card: Mapping[str, Any], layout: Mapping[str
             raise _error(path, f"tensor {name!r} has dtype {dtype}; model files hold float32 weights")
 
 
-def _jsonable(value: Any) -> Any:
-    """JSON-safe copy: NaN/Inf -> None (JSON has no NaN), tuples -> lists, numpy scalars -> Python."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 # --------------------------------------------------------------------------- the card
 
 
@@ -492,7 +477,7 @@ def training_card(cfg: Config, *, hospitals: Mapping[str, Mapping[str, Any]], ad
                      "rounds": int(rounds), "hospitals": [int(h) for h in training_hospitals], "dp": cfg.dp,
                      "max_epsilon": max_eps, "delta": cfg.target_delta if cfg.dp else None}],
     }
-    return _jsonable(card)
+    return json_safe(card)
 
 
 def append_history(card: Mapping[str, Any], step: str, **details: Any) -> dict[str, Any]:
@@ -501,7 +486,7 @@ def append_history(card: Mapping[str, Any], step: str, **details: Any) -> dict[s
     Save it with the new weights (`save_model_file`), which records their hash in that entry.
     """
     out = copy.deepcopy(dict(card))
-    out.setdefault("history", []).append(_jsonable({"step": step, "time": _iso(time.time()), **details}))
+    out.setdefault("history", []).append(json_safe({"step": step, "time": _iso(time.time()), **details}))
     out.pop("weights", None)
     return out
 

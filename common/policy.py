@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from common.config import Config
 from common.data import held_out_hospitals
 
@@ -232,8 +234,6 @@ def check_weights(policy: HospitalPolicy, theta: Mapping[str, Any]) -> None:
 
     Checked before any record is read, so the refusal says nothing about the data.
     """
-    import torch  # noqa: PLC0415 - policy stays importable without torch for the config checks
-
     for name, value in theta.items():
         if not bool(torch.isfinite(value).all()):
             raise Refusal("weights", f"the global model's array {name!r} holds NaN or inf values; refused before "

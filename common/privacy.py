@@ -228,22 +228,12 @@ class PrivacyLedger:
             hist.append((float(noise_multiplier), float(sample_rate), int(steps)))
 
 
-def finite_records(per_sample: Params, losses: torch.Tensor | None = None) -> torch.Tensor:
-    """(B,) bool: the records whose every per-record gradient entry (and loss, when given) is finite.
-
-    A server may send weights that overflow for some records only (a logit of inf for one patient):
-    such a record must contribute nothing, not a NaN that would mark the release as containing it.
-    A record's gradient is finite exactly when its squared norm summed in float64 is (float32 entries
-    squared cannot overflow float64), so this costs one norm per record.
-    """
-    ok = torch.isfinite(_squared_norms(per_sample))
-    if losses is not None:
-        ok &= torch.isfinite(losses.reshape(-1))
-    return ok
-
-
 def _squared_norms(per_sample: Params) -> torch.Tensor:
-    """(B,) float64: each record's squared L2 norm over every parameter (NaN or inf when not finite)."""
+    """(B,) float64: each record's squared L2 norm over every parameter.
+
+    NaN or inf exactly when the record's gradient has a non-finite entry (float32 entries squared
+    cannot overflow float64), so it also tells which records may contribute.
+    """
     names = list(per_sample)
     batch = per_sample[names[0]].shape[0]
     if batch == 0:

@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-from common.files import atomic_write
-
-
-def _clean(value: Any) -> Any:
-    """JSON has no NaN: write null instead."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
+from common.files import atomic_write, json_safe
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     with atomic_write(path, "w") as fh:
-        json.dump(_clean(payload), fh, indent=2, allow_nan=False)
+        json.dump(json_safe(payload), fh, indent=2, allow_nan=False)
 
 
 def plot_curves(summary: dict[str, Any], path: Path) -> None:

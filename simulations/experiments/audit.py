@@ -52,26 +52,12 @@ THREAT_MODEL = (
 )
 
 
-def run_audit(cfg: Config, *, num_canaries: int, guess_fraction: float, canary_hospital: int | None,
-              audit_seed: int, confidence: float, canary_norm: float | None = None) -> dict[str, Any]:
-    """Train with canaries at one hospital, score and guess them, and return the audit record."""
-    import torch
+def _canary_setup(cfg, canary_hospital: int | None, num_canaries: int,
+                  guess_fraction: float) -> tuple[list, int, int]:
+    """(training sites, the canary hospital: given or the smallest, the number of guesses), checked."""
+    from common.audit import AuditError
+    from common.hospital import sites_for
 
-    from common.audit import (
-        AuditError, canary_per_sample_fn, count_correct, draw_canaries, epsilon_lower_bound, flatten, guess,
-        with_canaries,
-    )
-    from common.hospital import new_model, noise_multiplier_for, sites_for
-    from common.model import get_params
-    from common.privacy import sample_rate
-    from simulations.experiments.local_loop import meta_train, participation
-
-    if not cfg.first_order:
-        raise AuditError("algorithm 'maml' differentiates through the inner loop, so a record's gradient is not a "
-                         "fixed vector and gradient-space canaries cannot be planted; audit fomaml, reptile or fedavg")
-    if not 0 < confidence < 1:
-        raise AuditError(f"confidence must be in (0, 1), got {confidence}")
-    t0 = time.perf_counter()
     training, _ = sites_for(cfg)
     ids = [s.hospital_id for s in training]
     if canary_hospital is None:
@@ -82,13 +68,37 @@ def run_audit(cfg: Config, *, num_canaries: int, guess_fraction: float, canary_h
     if not 2 <= num_guesses <= num_canaries:
         raise AuditError(f"guess-fraction {guess_fraction} of {num_canaries} canaries gives {num_guesses} guesses; "
                          "need between 2 and the number of canaries")
+    return training, canary_hospital, num_guesses
+
+
+def run_audit(cfg: Config, *, num_canaries: int, guess_fraction: float, canary_hospital: int | None,
+              audit_seed: int, confidence: float, canary_norm: float | None = None) -> dict[str, Any]:
+    """Train with canaries at one hospital, score and guess them, and return the audit record."""
+    import torch
+
+    from common.audit import (
+        AuditError, canary_per_sample_fn, count_correct, draw_canaries, epsilon_lower_bound, flatten, guess,
+        with_canaries,
+    )
+    from common.hospital import new_model, noise_multiplier_for
+    from common.model import get_params
+    from common.privacy import sample_rate
+    from simulations.experiments.local_loop import meta_train, participation
+
+    if not cfg.first_order:
+        raise AuditError("algorithm 'maml' differentiates through the inner loop, so a record's gradient is not a "
+                         "fixed vector and gradient-space canaries cannot be planted; audit fomaml, reptile or fedavg")
+    if not 0 < confidence < 1:
+        raise AuditError(f"confidence must be in (0, 1), got {confidence}")
+    t0 = time.perf_counter()
+    training, canary_hospital, num_guesses = _canary_setup(cfg, canary_hospital, num_canaries, guess_fraction)
     theta = get_params(new_model(cfg, training[0].info))
     norm = cfg.max_grad_norm if canary_norm is None else canary_norm
     if norm < cfg.max_grad_norm:
         raise AuditError(f"canary norm {norm} is below max-grad-norm {cfg.max_grad_norm}: clipping would not "
                          "make the canary a worst-case record")
     canaries = draw_canaries(num_canaries, sum(v.numel() for v in theta.values()), norm=norm, seed=audit_seed)
-    pos = ids.index(canary_hospital)
+    pos = [s.hospital_id for s in training].index(canary_hospital)
     real_records = training[pos].num_records
     training[pos] = with_canaries(training[pos], canaries)
     per_sample_fn = canary_per_sample_fn(canaries)
@@ -194,7 +204,7 @@ def run_adversarial_audit(cfg: Config, *, num_canaries: int, guess_fraction: flo
         CRAFTED_KINDS, AuditError, canary_per_sample_fn, count_correct, craft_theta, draw_canaries,
         epsilon_lower_bound, flatten, guess, with_canaries,
     )
-    from common.hospital import new_model, noise_multiplier_for, sites_for, train_round
+    from common.hospital import new_model, noise_multiplier_for, train_round
     from common.model import get_params
     from common.policy import Refusal, check_train, check_weights, parse_node_config
     from common.privacy import PrivacyLedger, sample_rate
@@ -204,16 +214,8 @@ def run_adversarial_audit(cfg: Config, *, num_canaries: int, guess_fraction: flo
     if not cfg.first_order:
         raise AuditError("gradient-space canaries need a first-order algorithm (fomaml, reptile or fedavg)")
     t0 = time.perf_counter()
-    training, _ = sites_for(cfg)
-    ids = [s.hospital_id for s in training]
-    if canary_hospital is None:
-        canary_hospital = min(training, key=lambda s: (s.num_records, s.hospital_id)).hospital_id
-    if canary_hospital not in ids:
-        raise AuditError(f"canary hospital {canary_hospital} is not a training hospital; training hospitals: {ids}")
-    num_guesses = round(guess_fraction * num_canaries)
-    if not 2 <= num_guesses <= num_canaries:
-        raise AuditError(f"guess-fraction {guess_fraction} of {num_canaries} canaries gives {num_guesses} guesses")
-    site = training[ids.index(canary_hospital)]
+    training, canary_hospital, num_guesses = _canary_setup(cfg, canary_hospital, num_canaries, guess_fraction)
+    site = next(s for s in training if s.hospital_id == canary_hospital)
     real_records = site.num_records
 
     # the hospital's policy: a deployed training hospital with the default limits
