@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flwr.common.config import get_fused_config_from_dir, parse_config_args  # noqa: PLC0415
 
     from common.config import ConfigError, load_config  # noqa: PLC0415
-    from common.data import DataError, held_out_hospitals  # noqa: PLC0415
+    from common.data import DataError  # noqa: PLC0415
     from common.hospital import check_privacy_budget, load_site_from_folder, noise_multiplier_for  # noqa: PLC0415
     from common.privacy import PrivacyError  # noqa: PLC0415
 
@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"run config: {err} (keys must exist in [tool.flwr.app.config])") from None
         cfg = load_config(fused)
         site = load_site_from_folder(cfg, args.folder, hospital_id=args.hospital_id)
-        training = site.hospital_id not in held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed)
+        training = site.hospital_id not in cfg.held_out_ids
         if cfg.dp and training:
             check_privacy_budget(cfg, site.num_records)
     except (ConfigError, DataError, PrivacyError, OSError, ValueError, click.ClickException) as err:

@@ -7,7 +7,10 @@ One fine-tuning function for the apps and the experiment harness, three ways to 
   clipped to L2 norm ``max-grad-norm`` and averaged (no noise: the records never leave the site).
   A DP-trained model lives in the clipped regime (per-record gradient norms far above C on new
   sites), so an unclipped step at the training learning rate overshoots;
-- ``adam``: full-batch Adam.
+- ``adam``: full-batch Adam;
+- ``norm-adam``: full-batch Adam on the normalisation layers' affine parameters only (64 numbers per
+  GroupNorm layer; every other weight stays as trained): the few-parameter adaptation usually used
+  for a change of scanner (the statistics of the image change, the features that matter do not).
 
 `score_grid` scores one initialisation at every point of an adaptation grid (method x lr x steps,
 steps 0 meaning "use theta as is"); the server picks the point that does best on its validation
@@ -25,6 +28,7 @@ from torch import nn
 
 from common.config import ADAPT_METHODS
 from common.maml import Params, Scores, evaluate, forward, mean_gradient, per_sample_gradients
+from common.model import norm_names
 from common.privacy import clip_and_sum
 
 # The grid the server chooses from (per method, learning rates of that method's own scale).
@@ -32,6 +36,7 @@ GRID_LRS: dict[str, tuple[float, ...]] = {
     "sgd": (0.01, 0.03, 0.1),
     "clipped-sgd": (0.1, 0.3),
     "adam": (3e-4, 1e-3),
+    "norm-adam": (3e-3, 3e-2),
 }
 GRID_STEPS: tuple[int, ...] = (0, 5, 20, 50)
 AS_IS = ("none", 0.0, 0)  # the grid point "theta as is, no adaptation"
@@ -69,9 +74,10 @@ def finetune_trajectory(
     phi = {k: v.detach().clone() for k, v in params.items()}
     out: dict[int, Params] = {}
     opt = None
-    if method == "adam":
-        phi = {k: v.requires_grad_(True) for k, v in phi.items()}
-        opt = torch.optim.Adam(list(phi.values()), lr=lr)
+    if method in ("adam", "norm-adam"):
+        moving = norm_names(model) if method == "norm-adam" else frozenset(phi)
+        phi = {k: v.requires_grad_(k in moving) for k, v in phi.items()}
+        opt = torch.optim.Adam([v for k, v in phi.items() if k in moving], lr=lr)
     done = 0
     for target in steps:
         while done < target:

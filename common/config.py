@@ -14,7 +14,7 @@ from typing import Any
 
 from common.algorithms import ALGORITHMS, Algorithm
 META_OPTIMIZERS = ("adam", "sgd")
-ADAPT_METHODS = ("sgd", "clipped-sgd", "adam")
+ADAPT_METHODS = ("sgd", "clipped-sgd", "adam", "norm-adam")
 INNER_PARAMS = ("all", "head")
 ACTIVATIONS = ("relu", "tanh")  # common.model.ACTIVATIONS (config stays free of torch)
 ACQUISITION_SHIFTS = ("none", "medmnistc")  # common.acquisition: each hospital's scanner
@@ -35,6 +35,7 @@ class Config:
     download: bool
     num_hospitals: int
     num_held_out: int
+    held_out_fold: int
     dirichlet_alpha: float
     size_alpha: float
     acquisition_shift: str
@@ -85,6 +86,13 @@ class Config:
     def checkpoint_folder(self) -> str:
         """Where the server's checkpoint goes: `checkpoint-dir`, or `<results-dir>/checkpoint` when empty."""
         return self.checkpoint_dir or f"{self.results_dir.rstrip('/')}/checkpoint"
+
+    @property
+    def held_out_ids(self) -> tuple[int, ...]:
+        """The hospitals held out of training (`common.data.held_out_hospitals`, fold `held-out-fold`)."""
+        from common.data import held_out_hospitals  # noqa: PLC0415 (config stays free of numpy at import)
+
+        return held_out_hospitals(self.num_hospitals, self.num_held_out, self.seed, fold=self.held_out_fold)
 
     @property
     def num_training_hospitals(self) -> int:
@@ -211,6 +219,7 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
         download=_bool(rc, "download"),
         num_hospitals=_int(rc, "num_hospitals", lo=2),
         num_held_out=_int(rc, "num_held_out", lo=0),
+        held_out_fold=_int(rc, "held_out_fold", lo=0),
         dirichlet_alpha=_float(rc, "dirichlet_alpha", lo=0.0),
         size_alpha=_float(rc, "size_alpha", lo=0.0),
         acquisition_shift=_choice(rc, "acquisition_shift", ACQUISITION_SHIFTS),
@@ -258,6 +267,12 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
         raise ConfigError(
             f"run-config key 'num-held-out' = {cfg.num_held_out}: must be smaller than "
             f"'num-hospitals' = {cfg.num_hospitals} (at least one hospital has to train)"
+        )
+    if cfg.num_held_out and (cfg.held_out_fold + 1) * cfg.num_held_out > cfg.num_hospitals:
+        raise ConfigError(
+            f"run-config key 'held-out-fold' = {cfg.held_out_fold}: with {cfg.num_hospitals} hospitals and "
+            f"{cfg.num_held_out} held out there are {cfg.num_hospitals // cfg.num_held_out} folds (0.."
+            f"{cfg.num_hospitals // cfg.num_held_out - 1})"
         )
     if cfg.min_replies > cfg.clients_per_round:
         raise ConfigError(

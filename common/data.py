@@ -523,18 +523,26 @@ def partition_hospitals(
     )
 
 
-def held_out_hospitals(num_hospitals: int, num_held_out: int, seed: int) -> tuple[int, ...]:
-    """Ids of hospitals held out of training (sorted), from a seeded permutation; data-independent."""
+def held_out_hospitals(num_hospitals: int, num_held_out: int, seed: int, *, fold: int = 0) -> tuple[int, ...]:
+    """Ids of hospitals held out of training (sorted), from a seeded permutation; data-independent.
+
+    Fold ``f`` holds out the permutation's ``f``-th block of ``num_held_out`` ids, so folds
+    0..num_hospitals // num_held_out - 1 hold out disjoint hospitals (hospital-level
+    cross-validation: the same partition, a different set of new hospitals per fold).
+    """
     h = _check_int("num_hospitals", num_hospitals, minimum=1)
     k = _check_int("num_held_out", num_held_out, minimum=0)
     seed = _check_int("seed", seed)
+    fold = _check_int("fold", fold, minimum=0)
     if k >= h:
         raise DataError(
             f"num_held_out must be smaller than num_hospitals (at least one hospital must train), "
             f"got num_held_out={k}, num_hospitals={h}."
         )
+    if k and (fold + 1) * k > h:
+        raise DataError(f"fold {fold} does not exist: {h} hospitals with {k} held out make {h // k} folds.")
     perm = np.random.default_rng(seed).permutation(h)
-    return tuple(sorted(int(i) for i in perm[:k]))
+    return tuple(sorted(int(i) for i in perm[fold * k:(fold + 1) * k]))
 
 
 # --------------------------------------------------------------------------- sampling

@@ -78,7 +78,7 @@ def load_site(cfg: Config, hospital_id: int) -> Site:
 
 def site_profiles(cfg: Config) -> dict[int, Profile | None]:
     """Every simulated hospital's acquisition profile (`common.acquisition`; None: original images)."""
-    held = D.held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed)
+    held = cfg.held_out_ids
     try:
         return acquisition_profiles(
             D.dataset_info(cfg.dataset, cfg.image_size).flag, cfg.num_hospitals, held, cfg.seed,
@@ -97,7 +97,7 @@ def _acquired(cfg: Config, ds: D.MedMNISTData, idx: np.ndarray, hospital_id: int
 
 def sites_for(cfg: Config) -> tuple[list[Site], list[Site]]:
     """(training, held-out) hospitals of the run's simulated partition (the held-out ones by seed)."""
-    held = set(D.held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed))
+    held = set(cfg.held_out_ids)
     sites = [load_site(cfg, h) for h in range(cfg.num_hospitals)]
     return [s for s in sites if s.hospital_id not in held], [s for s in sites if s.hospital_id in held]
 
@@ -352,7 +352,7 @@ def validation_hospitals(cfg: Config) -> tuple[int, ...]:
     The others are the test hospitals the run reports on; with a single held-out hospital there is
     nothing to choose on, and the fixed adaptation is used.
     """
-    held = D.held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed)
+    held = cfg.held_out_ids
     return tuple(held[: len(held) // 2]) if cfg.tune_adaptation else ()
 
 
@@ -419,7 +419,7 @@ def prepare_hospital_folders(cfg: Config, out_dir: str | Path) -> list[D.Hospita
     ds = D.load_medmnist(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, download=cfg.download)
     splits = D.official_split_sizes(cfg.dataset, cfg.data_dir, cfg.image_size)
     parts = _partition(cfg, ds)
-    held_out = set(D.held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed))
+    held_out = set(cfg.held_out_ids)
     # The smallest training hospital has the highest sampling rate, hence the largest epsilon for any
     # noise level: if its target can be met, every other hospital's can.
     check_privacy_budget(cfg, min(int(idx.size) for h, idx in enumerate(parts) if h not in held_out))

@@ -74,6 +74,16 @@ def head_names(model: nn.Module) -> frozenset[str]:
     return frozenset(f"{last}.{p}" if last else p for p, _ in model.get_submodule(last).named_parameters())
 
 
+def norm_names(model: nn.Module) -> frozenset[str]:
+    """Names of the normalisation layers' affine parameters (what ``norm-adam`` adapts to a new scanner)."""
+    norms = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
+    names = frozenset(f"{m}.{p}" for m, module in model.named_modules() if isinstance(module, norms)
+                      for p, _ in module.named_parameters(recurse=False))
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no normalisation layer with affine parameters")
+    return names
+
+
 def get_params(model: nn.Module) -> Params:
     """Detached copies of the model's parameters, in registration order."""
     return {name: p.detach().clone() for name, p in model.named_parameters()}

@@ -49,7 +49,6 @@ from typing import Any
 import torch
 
 from common.config import Config
-from common.data import held_out_hospitals
 
 TRAINING, HELD_OUT = "training", "held-out"
 ROLES = (TRAINING, HELD_OUT)
@@ -142,7 +141,7 @@ def parse_node_config(nc: Mapping[str, Any], cfg: Config) -> HospitalPolicy:
                               "with --node-config 'hospital-id=<n> role=\"training\" ...'")
     hid = _get(nc, "hospital-id" if not simulated else "partition-id", int)
     if simulated:
-        held = set(held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed))
+        held = set(cfg.held_out_ids)
         default_role = HELD_OUT if hid in held else TRAINING
         defaults = dict(role=default_role, max_epsilon=math.inf, max_delta=1.0, require_dp=False)
     else:

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import protocol as P
 from common.config import Config, load_config
-from common.data import dataset_info, held_out_hospitals
+from common.data import dataset_info
 from common.hospital import validation_hospitals
 from common.model import build_model, get_params
 from common.model_file import MODEL_FILE, save_model_file, training_card
@@ -77,7 +77,7 @@ def discover_hospitals(grid: Grid, cfg: Config, known: dict[int, int], *, wait: 
         time.sleep(0.5)
         nodes = set(grid.get_node_ids())
     roster = {n: h for n, h in known.items() if n in nodes}
-    held_out = set(held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed))
+    held_out = set(cfg.held_out_ids)
     new = sorted(nodes - set(roster))
     if not new:
         return roster
@@ -218,7 +218,7 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
     results = Path(cfg.results_dir).expanduser()
     ckpt_folder = Path(cfg.checkpoint_folder).expanduser()
 
-    held_ids = set(held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed))
+    held_ids = set(cfg.held_out_ids)
     strategy = MetaGradientStrategy(cfg, theta, held_out_ids=held_ids)
     ckpt = _restore(cfg, strategy, ckpt_folder)  # may refuse: before anything is written
     results.mkdir(parents=True, exist_ok=True)

@@ -222,9 +222,7 @@ class LocalDeployment:
             raise DeploymentError(f"flwr supernode register failed for hospital {hospital_id}:\n{out.stdout}")
 
     def training_hospitals(self) -> list[int]:
-        from common.data import held_out_hospitals  # noqa: PLC0415
-
-        held = set(held_out_hospitals(self.cfg.num_hospitals, self.cfg.num_held_out, self.cfg.seed))
+        held = set(self.cfg.held_out_ids)
         return [h for h in range(self.cfg.num_hospitals) if h not in held]
 
     def ledger_dir(self, hospital_id: int) -> Path:

@@ -88,3 +88,21 @@ def test_score_grid_covers_the_grid_and_choice_uses_only_the_given_hospitals() -
     tie = {AS_IS: 0.8, ("sgd", 0.1, 5): 0.8}
     assert choose_adaptation([tie]) == AS_IS  # ties go to fewer steps
     assert choose_adaptation([{AS_IS: math.nan}]) is None  # no AUC (single-class sets): no choice
+
+
+def test_norm_adam_moves_only_the_normalisation_layers_affine_parameters() -> None:
+    """`norm-adam` adapts the GroupNorm weights and biases and nothing else (the scanner adaptation)."""
+    import torch.nn as nn
+
+    from common.adaptation import finetune
+    from common.model import build_model, get_params, norm_names
+
+    model = build_model(in_channels=1, num_classes=2, seed=0)
+    theta = get_params(model)
+    norms = {f"{m}.{p}" for m, mod in model.named_modules() if isinstance(mod, nn.GroupNorm) for p in ("weight", "bias")}
+    assert norm_names(model) == norms and len(norms) == 6
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 1, 28, 28, generator=g), torch.tensor([0, 1] * 6)
+    phi = finetune(model, theta, x, y, method="norm-adam", steps=3, lr=0.03)
+    moved = {k for k in theta if not torch.equal(theta[k], phi[k])}
+    assert moved == norms

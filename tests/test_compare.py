@@ -49,7 +49,9 @@ def test_committed_comparison_configs_parse_with_three_seeds_and_both_references
         full = load_experiment(path, quick=False)
         assert len(full["seeds"]) >= 3, f"{path.name}: rows must be mean ± std over >= 3 seeds"
         names = {m["name"] for m in full["method"]}
-        assert {"fedavg", "local"} <= names, "DP FedAvg and the hospital alone are the paired references"
+        assert "fedavg" in names, "DP FedAvg is the paired reference"
+        if not full["crossfit"]:  # the powered file leaves the hospital alone to compare-dp (its cost)
+            assert "local" in names, "the hospital alone is the other paired reference"
         quick = load_experiment(path, quick=True)
         assert quick["seeds"] and quick["method"]
 
@@ -235,3 +237,36 @@ def test_choice_rules_cross_fit_scores_each_choice_on_the_other_validation_hospi
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
     assert main([str(tmp_path / "bad.csv")]) == 2
     assert "missing columns" in capsys.readouterr().err
+
+
+def test_crossfit_reports_every_held_out_hospital_once_at_a_choice_made_by_the_other_half() -> None:
+    """Cross-fitting: the test hospital (3) is reported at the validation hospitals' choice, and the
+    validation hospitals (1, 2) at the test hospital's choice (which prefers another point)."""
+    test = {("none", 0.0, 0): 0.70, ("sgd", 0.01, 5): 0.95, ("adam", 0.001, 50): 0.80}
+    rep = choose_and_report(pd.DataFrame(frame("fomaml", ("adam", 0.001, 50), test)), crossfit=True)
+    assert sorted(rep.hospital) == [1, 2, 3]
+    three = rep[rep.hospital == 3].iloc[0]
+    assert three.reported == "test" and three.choice == "adam 0.001 x50" and three.auc_after == pytest.approx(0.80)
+    for h in (1, 2):  # the test hospital's best point is sgd 0.01 x5, where the validation hospitals score 0.6
+        r = rep[rep.hospital == h].iloc[0]
+        assert r.reported == "validation" and r.choice == "sgd 0.01 x5" and r.auc_after == pytest.approx(0.6)
+
+
+def test_paired_intervals_are_over_training_runs_seed_by_fold_with_the_detectable_difference() -> None:
+    """Two seeds x two folds = 4 runs; the interval and the smallest detectable difference come from
+    the 4 per-run mean differences (t with 3 degrees of freedom)."""
+    from scipy import stats
+
+    rows = []
+    diffs = {(0, 0): 0.01, (0, 1): 0.03, (1, 0): 0.02, (1, 1): 0.06}
+    for (seed, fold), d in diffs.items():
+        for method, auc in (("fedavg", 0.8), ("fomaml", 0.8 + d)):
+            rows.append({"dataset": "d", "dirichlet_alpha": 1.0, "method": method, "epsilon": "8", "shots": 5,
+                         "seed": seed, "fold": fold, "hospital": 3, "draw": 0, "auc_after": auc})
+    d = paired(pd.DataFrame(rows), "fedavg").iloc[0]
+    v = pd.Series(list(diffs.values()))
+    se = v.std(ddof=1) / 2
+    assert d.units == 4 and d.seeds == 2
+    assert d.d_auc == pytest.approx(v.mean())
+    assert d.ci95_hi - d.d_auc == pytest.approx(stats.t.ppf(0.975, 3) * se)
+    assert d.mde80 == pytest.approx((stats.t.ppf(0.975, 3) + stats.t.ppf(0.8, 3)) * se)

@@ -645,6 +645,27 @@ def test_held_out_hospitals():
     assert seen == set(range(10))  # every hospital can be held out
 
 
+def test_held_out_folds_are_disjoint_and_fold_zero_is_the_default():
+    """Hospital-level cross-validation: folds of one seed hold out disjoint hospitals."""
+    assert held_out_hospitals(12, 4, 3, fold=0) == held_out_hospitals(12, 4, 3)
+    folds = [set(held_out_hospitals(12, 4, 3, fold=f)) for f in range(3)]
+    assert all(len(f) == 4 for f in folds) and set().union(*folds) == set(range(12))
+    with pytest.raises(DataError, match="fold 3 does not exist"):
+        held_out_hospitals(12, 4, 3, fold=3)
+    with pytest.raises(DataError):
+        held_out_hospitals(12, 4, 3, fold=-1)
+
+
+def test_the_config_holds_out_its_fold_and_refuses_a_fold_that_does_not_exist():
+    from common.config import ConfigError, load_config
+    from server.run_config import app_config
+
+    rc = {**app_config(), "num-hospitals": 10, "num-held-out": 4, "seed": 2}
+    assert load_config({**rc, "held-out-fold": 1}).held_out_ids == held_out_hospitals(10, 4, 2, fold=1)
+    with pytest.raises(ConfigError, match="held-out-fold"):
+        load_config({**rc, "held-out-fold": 2})
+
+
 @pytest.mark.parametrize("h,k", [(10, 10), (10, 11), (10, -1), (0, 0)])
 def test_held_out_hospitals_errors(h, k):
     with pytest.raises(DataError):

@@ -16,6 +16,10 @@ The experiment file (TOML):
     name = "..."; datasets = [...]; seeds = [...]; epsilons = [8, "inf"]; shots = [1, 5, 10]
     draws = 3               # K-shot draws per held-out hospital (`common.hospital.kshot_draw` draws
                             # 0..draws-1; draw 0 is the split the apps score)  (all of the above are required)
+    folds = 3               # optional (default 1): hospital-level cross-validation, `held-out-fold` 0..folds-1
+                            # per seed (capped at num-hospitals // num-held-out for each dataset)
+    crossfit = true         # optional (default false): every held-out hospital scores the whole grid and
+                            # each half chooses the adaptation for the other (both halves reported)
     dirichlet-alphas = [1.0]     # optional; default: pyproject's dirichlet-alpha
     [run-config]            # overrides of pyproject's [tool.flwr.app.config] for every method
     [dataset-run-config.<flag>]  # and for one dataset (e.g. fewer hospitals for a small set)
@@ -92,6 +96,10 @@ def load_experiment(path: Path, *, quick: bool) -> dict[str, Any]:
                          "scored, as in the apps (common.hospital.kshot_draw); remove the key")
     # the only defaults: the partition's skew from pyproject, no overrides
     raw.setdefault("dirichlet-alphas", [app_config()["dirichlet-alpha"]])
+    raw.setdefault("folds", 1)
+    raw.setdefault("crossfit", False)
+    if isinstance(raw["folds"], bool) or not isinstance(raw["folds"], int) or raw["folds"] < 1:
+        raise ValueError(f"experiment file {path}: folds must be a positive integer, got {raw['folds']!r}")
     # the file's first skew is the main one; the others run each method's `skew-epsilons` only (also
     # when --only-alphas leaves just a skew alpha)
     raw["main-alpha"] = float(raw["dirichlet-alphas"][0])
@@ -142,15 +150,15 @@ def epsilons_for(exp: Mapping[str, Any], method: Mapping[str, Any], alpha: float
     return list(method["epsilons"])
 
 
-def cell_run_config(exp: Mapping[str, Any], dataset: str, alpha: float, seed: int) -> dict[str, Any]:
-    """The run config shared by every method of one (dataset, skew, seed): pyproject's defaults, the
+def cell_run_config(exp: Mapping[str, Any], dataset: str, alpha: float, seed: int, fold: int = 0) -> dict[str, Any]:
+    """The run config shared by every method of one (dataset, skew, seed, fold): pyproject's defaults, the
     file's run-config, its dataset-run-config, adaptation tuned on validation hospitals, and the
     partition's minimum site size for the largest K (the same hospitals for every K)."""
     rc = {**app_config(), **exp["run-config"], "tune-adaptation": True, "shots": max(int(k) for k in exp["shots"])}
     d = Path(str(rc["data-dir"])).expanduser()
     rc["data-dir"] = str(d if d.is_absolute() else (REPO_ROOT / d).resolve())
     return {**rc, **exp["dataset-run-config"].get(dataset, {}), "dataset": dataset,
-            "dirichlet-alpha": float(alpha), "seed": int(seed)}
+            "dirichlet-alpha": float(alpha), "seed": int(seed), "held-out-fold": int(fold)}
 
 
 def train(method: Mapping[str, Any], rc: Mapping[str, Any], cache: Path | None, centralised: Mapping[str, Any]):
@@ -202,12 +210,14 @@ def train(method: Mapping[str, Any], rc: Mapping[str, Any], cache: Path | None, 
     return theta, {**facts, "cached": False}
 
 
-def score(theta, cfg, held, val_ids, shots, draws: int, seed: int) -> list[dict[str, Any]]:
+def score(theta, cfg, held, val_ids, shots, draws: int, seed: int, *, crossfit: bool = False) -> list[dict[str, Any]]:
     """Validation hospitals at every point of the server's adaptation grid; test hospitals as is and at the choice.
 
     As the server does it: per K, the validation hospitals' grid scores (mean over their draws)
     choose the adaptation (`choose_adaptation`), and only then are the test hospitals adapted, with
-    that choice alone (a test hospital's scores never influence the choice). The K-shot sets are
+    that choice alone (a test hospital's scores never influence the choice). With `crossfit` the test
+    hospitals score the whole grid too, so that `choose_and_report` can also let them choose for the
+    validation hospitals (each half's report still never sees its own scores). The K-shot sets are
     `common.hospital.kshot_draw` draws 0..draws-1 (draw 0: the split the apps score), every query
     record scored, the same draws for every method.
     """
@@ -234,16 +244,19 @@ def score(theta, cfg, held, val_ids, shots, draws: int, seed: int) -> list[dict[
 
     for k in shots:
         per_hospital = []
-        for site in val:
+        for site in (val + test if crossfit else val):
             model = new_model(cfg, site.info)
             auc: dict = {}
             for draw, sup, qry in sets(site, k):
                 for p, sc in score_grid(model, theta, sup, qry, num_classes=site.info.n_classes,
                                         max_grad_norm=cfg.max_grad_norm).items():
-                    rows.append(row(site, "validation", k, draw, p, sc))
+                    rows.append(row(site, "validation" if site.hospital_id in val_ids else "test", k, draw, p, sc))
                     auc.setdefault(p, []).append(sc.auc)
-            per_hospital.append({p: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
-                                 for p, v in auc.items()})
+            if site.hospital_id in val_ids:
+                per_hospital.append({p: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+                                     for p, v in auc.items()})
+        if crossfit:
+            continue
         choice = choose_adaptation(per_hospital) or AS_IS
         for site in test:
             model = new_model(cfg, site.info)
@@ -271,8 +284,13 @@ def run(exp: Mapping[str, Any], *, cache: Path | None, only_dataset: str | None,
         if only_dataset and dataset != only_dataset:
             continue
         for alpha in exp["dirichlet-alphas"]:
-            for seed in exp["seeds"]:
-                rc0 = cell_run_config(exp, dataset, alpha, seed)
+            for seed, fold in ((s, f) for s in exp["seeds"] for f in range(int(exp["folds"]))):
+                rc0 = cell_run_config(exp, dataset, alpha, seed, fold)
+                cfg0 = load_config({**rc0, "held-out-fold": 0})
+                if cfg0.num_held_out == 0 or fold >= cfg0.num_hospitals // cfg0.num_held_out:
+                    log(f"{PREFIX} {dataset}: no fold {fold} ({cfg0.num_hospitals} hospitals, {cfg0.num_held_out} "
+                        "held out); skipped", flush=True)
+                    continue
                 cfg0 = load_config(rc0)
                 _, held = sites_for(cfg0)
                 val_ids = set(validation_hospitals(cfg0))
@@ -282,11 +300,12 @@ def run(exp: Mapping[str, Any], *, cache: Path | None, only_dataset: str | None,
                         t0 = time.perf_counter()
                         theta, facts = train(method, rc, cache, exp.get("centralised", {}))
                         common = {"dataset": dataset, "dirichlet_alpha": float(alpha), "seed": int(seed),
-                                  "method": method["name"], "epsilon": eps_label(eps)}
+                                  "fold": int(fold), "method": method["name"], "epsilon": eps_label(eps)}
                         score_rows += [{**common, **r} for r in score(theta, load_config(rc), held, val_ids, shots,
-                                                                      int(exp["draws"]), int(seed))]
+                                                                      int(exp["draws"]), int(seed),
+                                                                      crossfit=bool(exp["crossfit"]))]
                         run_rows.append({**common, **facts, "total_seconds": round(time.perf_counter() - t0, 1)})
-                        log(f"{PREFIX} {dataset} alpha={alpha:g} seed={seed} {method['name']} eps={eps_label(eps)}: "
+                        log(f"{PREFIX} {dataset} alpha={alpha:g} seed={seed} fold={fold} {method['name']} eps={eps_label(eps)}: "
                             f"train {facts['train_seconds']}s{' (cached)' if facts['cached'] else ''}, "
                             f"total {run_rows[-1]['total_seconds']}s, max eps {facts['max_epsilon']:.3f}", flush=True)
     return score_rows, run_rows
@@ -297,34 +316,53 @@ def run(exp: Mapping[str, Any], *, cache: Path | None, only_dataset: str | None,
 CELL = ["dataset", "dirichlet_alpha", "method", "epsilon", "shots"]
 
 
-def choose_and_report(scores):
-    """Per (cell, seed): the adaptation chosen on validation hospitals, test scores before and after it."""
+def choose_and_report(scores, *, crossfit: bool = False):
+    """Per (cell, seed, fold): the adaptation chosen on validation hospitals, test scores before and after it.
+
+    With `crossfit` the roles are also swapped (the test hospitals choose, the validation hospitals
+    are reported: column ``reported`` says which half a row reports), so every held-out hospital is
+    reported once, each time at a choice made without its own scores.
+    """
     import pandas as pd
 
+    if "fold" not in scores.columns:  # tables from before hospital-level folds
+        scores = scores.assign(fold=0)
+    out = []
+    directions = (("validation", "test"), ("test", "validation")) if crossfit else (("validation", "test"),)
+    for key, grp in scores.groupby(CELL + ["seed", "fold"], sort=False):
+        for chooser, reported in directions:
+            out += _report_half(dict(zip(CELL + ["seed", "fold"], key)), grp[grp.role == chooser],
+                                grp[grp.role == reported], reported)
+    return pd.DataFrame(out)
+
+
+def _report_half(key: dict, chooser, reported, half: str) -> list[dict]:
+    """The choice from `chooser`'s grid scores (mean over draws per hospital), `reported` before and after it."""
     from common.adaptation import AS_IS, choose_adaptation
 
+    by_h = [{(r.adapt_method, r.adapt_lr, r.adapt_steps): r.auc for r in g.itertuples()}
+            for _, g in chooser.groupby(["hospital", "adapt_method", "adapt_lr", "adapt_steps"]).auc.mean()
+            .reset_index().groupby("hospital")]
+    choice = choose_adaptation(by_h) or AS_IS
+
+    def at(rows):
+        return rows[(rows.adapt_method == choice[0]) & (rows.adapt_lr == choice[1]) & (rows.adapt_steps == choice[2])]
+
+    chosen = at(chooser)
+    val_auc = float(chosen.groupby("hospital").auc.mean().mean()) if len(chosen) else float("nan")
+    before = reported[reported.adapt_method == AS_IS[0]]
+    after = at(reported)
+    if after.empty and len(before):
+        raise ValueError(f"{key}: the {half} hospitals were not scored at the adaptation chosen now ({choice}); "
+                         "scores.csv and the selection code disagree")
     out = []
-    for key, grp in scores.groupby(CELL + ["seed"], sort=False):
-        val = grp[grp.role == "validation"]
-        by_h = [{(r.adapt_method, r.adapt_lr, r.adapt_steps): r.auc for r in g.itertuples()}
-                for _, g in val.groupby(["hospital", "adapt_method", "adapt_lr", "adapt_steps"]).auc.mean()
-                .reset_index().groupby("hospital")]
-        choice = choose_adaptation(by_h) or AS_IS
-        at = val[(val.adapt_method == choice[0]) & (val.adapt_lr == choice[1]) & (val.adapt_steps == choice[2])]
-        val_auc = float(at.groupby("hospital").auc.mean().mean()) if len(at) else float("nan")
-        test = grp[grp.role == "test"]
-        before = test[(test.adapt_method == AS_IS[0])]
-        after = test[(test.adapt_method == choice[0]) & (test.adapt_lr == choice[1]) & (test.adapt_steps == choice[2])]
-        if after.empty and len(before):
-            raise ValueError(f"{key}: the test hospitals were not scored at the adaptation chosen now ({choice}); "
-                             "scores.csv and the selection code disagree")
-        for (h, dr), b in before.groupby(["hospital", "draw"]):
-            a = after[(after.hospital == h) & (after.draw == dr)]
-            out.append({**dict(zip(CELL + ["seed"], key)), "hospital": h, "draw": dr,
-                        "auc_before": float(b.auc.iloc[0]), "acc_before": float(b.accuracy.iloc[0]),
-                        "auc_after": float(a.auc.iloc[0]), "acc_after": float(a.accuracy.iloc[0]),
-                        "choice": f"{choice[0]} {choice[1]:g} x{choice[2]}", "val_auc": val_auc})
-    return pd.DataFrame(out)
+    for (h, dr), b in before.groupby(["hospital", "draw"]):
+        a = after[(after.hospital == h) & (after.draw == dr)]
+        out.append({**key, "hospital": h, "draw": dr, "reported": half,
+                    "auc_before": float(b.auc.iloc[0]), "acc_before": float(b.accuracy.iloc[0]),
+                    "auc_after": float(a.auc.iloc[0]), "acc_after": float(a.accuracy.iloc[0]),
+                    "choice": f"{choice[0]} {choice[1]:g} x{choice[2]}", "val_auc": val_auc})
+    return out
 
 
 def _ms(v) -> str:
@@ -337,12 +375,19 @@ def _ms(v) -> str:
 
 
 def paired(report, reference: str, column: str = "auc_after", ref_column: str = "auc_after"):
-    """Paired differences against `reference` on the same (seed, hospital, draw): mean, t-interval over seeds."""
+    """Paired differences against `reference` on the same (seed, fold, hospital, draw).
+
+    The unit of replication is one training run's new hospitals: a (seed, fold) pair (its own
+    initialisation, trained without those hospitals). Mean over units of the per-unit mean
+    difference, a 95% t-interval over units, and the smallest true difference this design detects
+    with 80% power at the 5% level ((t_0.975 + t_0.80) x standard error, `mde80`).
+    """
     import numpy as np
     import pandas as pd
     from scipy import stats
 
-    on = ["dataset", "dirichlet_alpha", "epsilon", "shots", "seed", "hospital", "draw"]
+    report = report if "fold" in report.columns else report.assign(fold=0)
+    on = ["dataset", "dirichlet_alpha", "epsilon", "shots", "seed", "fold", "hospital", "draw"]
     ref = report[report.method == reference][on + [ref_column]].rename(columns={ref_column: "ref"})
     rows = []
     if ref.empty:
@@ -353,16 +398,19 @@ def paired(report, reference: str, column: str = "auc_after", ref_column: str = 
         if m.empty:
             continue
         m["d"] = m[column] - m["ref"]
-        per_seed = m.groupby("seed").d.mean().dropna().to_numpy()
-        mean = float(per_seed.mean()) if per_seed.size else float("nan")
-        if per_seed.size > 1:
-            half = float(stats.t.ppf(0.975, per_seed.size - 1) * per_seed.std(ddof=1) / np.sqrt(per_seed.size))
+        per_unit = m.groupby(["seed", "fold"]).d.mean().dropna().to_numpy()
+        n = per_unit.size
+        mean = float(per_unit.mean()) if n else float("nan")
+        if n > 1:
+            se = float(per_unit.std(ddof=1) / np.sqrt(n))
+            half = float(stats.t.ppf(0.975, n - 1) * se)
+            mde = float((stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.80, n - 1)) * se)
         else:
-            half = float("nan")
+            half = mde = float("nan")
         rows.append({**dict(zip(["dataset", "dirichlet_alpha", "method", "epsilon", "shots"], key)),
                      "reference": reference, "d_auc": mean, "ci95_lo": mean - half, "ci95_hi": mean + half,
-                     "share_won": float((m.d.dropna() > 0).mean()), "pairs": int(m.d.notna().sum()),
-                     "seeds": int(per_seed.size)})
+                     "mde80": mde, "share_won": float((m.d.dropna() > 0).mean()), "pairs": int(m.d.notna().sum()),
+                     "seeds": int(m.seed.nunique()), "units": int(n)})
     return pd.DataFrame(rows)
 
 
@@ -372,11 +420,17 @@ def render(exp, report, runs, pairs: dict[str, Any], command: str) -> str:
              "Every federated initialisation is trained with the apps' own functions (`local_loop.meta_train`); "
              "the adaptation (method × lr × steps from the server's grid, 0 steps included) is chosen per method, "
              "ε, K and seed on the **validation** hospitals; the table reports the **test** hospitals only "
-             f"(seeds {list(exp['seeds'])}, {exp['draws']} K-shot draws per test hospital, the same draws for "
+             f"(seeds {list(exp['seeds'])}, hospital-level folds 0..{exp['folds'] - 1} per seed where the dataset "
+             f"has them (`held-out-fold`), {exp['draws']} K-shot draws per held-out hospital, the same draws for "
              f"every method, drawn by `common.hospital.kshot_draw`: draw 0 is the split the apps score; every "
-             "query record scored). Cells: AUC mean ± std over seeds of the per-seed mean over hospitals and draws (validation hospitals at the chosen adaptation; test hospitals as is and after it). "
-             "ΔAUC: paired difference on the same (seed, hospital, draw), mean over seeds [95% t-interval over "
-             "seeds] and the share of pairs won.", ""]
+             "query record scored"
+             + ("; cross-fitted: each half of a fold's held-out hospitals chooses the adaptation for the other, "
+                "so every held-out hospital is reported once" if exp["crossfit"] else "") + "). "
+             "Cells: AUC mean ± std over training runs (seed × fold) of the per-run mean over reported hospitals "
+             "and draws (the choosing hospitals at the chosen adaptation; reported hospitals as is and after it). "
+             "ΔAUC: paired difference on the same (seed, fold, hospital, draw), mean over runs [95% t-interval over "
+             "runs], the share of pairs won, and (after `|`) the smallest difference the design detects with 80% "
+             "power at the 5% level.", ""]
     for ds in report.dataset.unique():
         for alpha in sorted(report[report.dataset == ds].dirichlet_alpha.unique()):
             sel = report[(report.dataset == ds) & (report.dirichlet_alpha == alpha)]
@@ -392,8 +446,8 @@ def render(exp, report, runs, pairs: dict[str, Any], command: str) -> str:
                     [m["name"] for m in exp["method"]].index(me[0]), INF if me[1] == "inf" else float(me[1])))
                 for meth, e in order:
                     g = sk[(sk.method == meth) & (sk.epsilon == e)]
-                    ps = g.groupby("seed")[["auc_before", "auc_after", "val_auc"]].mean()
-                    choice = g.drop_duplicates("seed").choice.value_counts()
+                    ps = g.groupby(["seed", "fold"])[["auc_before", "auc_after", "val_auc"]].mean()
+                    choice = g.drop_duplicates(["seed", "fold", "reported"]).choice.value_counts()
                     cells = []
                     for ref in ("fedavg-before", "fedavg", "local"):
                         p = pairs.get(ref)
@@ -402,15 +456,15 @@ def render(exp, report, runs, pairs: dict[str, Any], command: str) -> str:
                             & (p.epsilon == e)]
                         cells.append("" if row is None or row.empty else
                                      f"{row.d_auc.iloc[0]:+.3f} [{row.ci95_lo.iloc[0]:+.3f}, {row.ci95_hi.iloc[0]:+.3f}] "
-                                     f"{100 * row.share_won.iloc[0]:.0f}%")
+                                     f"{100 * row.share_won.iloc[0]:.0f}% \\| {row.mde80.iloc[0]:.3f}")
                     e_cell = "∞ (no DP)" if e == "inf" else e
                     lines.append(f"| {meth} | {e_cell} | {_ms(ps.val_auc)} | {_ms(ps.auc_before)} | {_ms(ps.auc_after)} | "
                                  f"{choice.index[0]} ({choice.iloc[0]}/{choice.sum()}) | {cells[0]} | {cells[1]} | {cells[2]} |")
                 lines.append("")
-    lines += ["## Training runs", "", "| dataset | α | seed | method | ε | max ε spent | σ range | DP steps per hospital "
-              "(planned) | declined rounds | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["## Training runs", "", "| dataset | α | seed | fold | method | ε | max ε spent | σ range | DP steps per "
+              "hospital (planned) | declined rounds | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs.itertuples():
-        lines.append(f"| {r.dataset} | {r.dirichlet_alpha:g} | {r.seed} | {r.method} | {r.epsilon} | "
+        lines.append(f"| {r.dataset} | {r.dirichlet_alpha:g} | {r.seed} | {r.fold} | {r.method} | {r.epsilon} | "
                      f"{r.max_epsilon:.3f} | {r.sigma} | {r.dp_steps_max} | {r.declined} | {r.train_seconds} |")
     return "\n".join(lines) + "\n"
 
@@ -513,9 +567,12 @@ def main(argv: list[str] | None = None) -> int:
         parts = args.merge or [out]
         scores = pd.concat([pd.read_csv(p / "scores.csv", dtype={"epsilon": str}) for p in parts], ignore_index=True)
         runs = pd.concat([pd.read_csv(p / "runs.csv", dtype={"epsilon": str}) for p in parts], ignore_index=True)
+        for frame in (scores, runs):  # tables from before hospital-level folds
+            if "fold" not in frame.columns:
+                frame["fold"] = 0
         # a baseline (no epsilon) re-run by a later part is the same cell: keep the first part's rows only
         scores = scores.drop_duplicates([c for c in scores.columns if c not in ("auc", "accuracy")], keep="first")
-        runs = runs.drop_duplicates(["dataset", "dirichlet_alpha", "seed", "method", "epsilon"], keep="first")
+        runs = runs.drop_duplicates(["dataset", "dirichlet_alpha", "seed", "fold", "method", "epsilon"], keep="first")
         command = "; ".join(dict.fromkeys((p / "command.txt").read_text().strip() for p in parts))
         if args.merge:
             scores.to_csv(out / "scores.csv", index=False)
@@ -529,7 +586,9 @@ def main(argv: list[str] | None = None) -> int:
         (out / "command.txt").write_text(command + "\n")
     scores["epsilon"] = scores.epsilon.astype(str)
     runs["epsilon"] = runs.epsilon.astype(str)
-    report = choose_and_report(scores)
+    if "fold" not in runs.columns:  # tables from before hospital-level folds
+        runs["fold"] = 0
+    report = choose_and_report(scores, crossfit=bool(exp["crossfit"]))
     report.to_csv(out / "report.csv", index=False)
     pairs = {"fedavg": paired(report, "fedavg"), "fedavg-before": paired(report, "fedavg", "auc_before", "auc_before"),
              "local": paired(report, "local")}

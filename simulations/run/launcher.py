@@ -106,7 +106,7 @@ def check_data(cfg: Any) -> str:
                                   "left as it is.)") from None
             ds = load()
         parts = hospital_indices(cfg, ds.labels, ds.info.n_classes)
-        held_out = set(D.held_out_hospitals(cfg.num_hospitals, cfg.num_held_out, cfg.seed))
+        held_out = set(cfg.held_out_ids)
         smallest = min(int(idx.size) for h, idx in enumerate(parts) if h not in held_out)
         check_privacy_budget(cfg, smallest)
     except (D.DataError, PrivacyError, OSError) as err:
