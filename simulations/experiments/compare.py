@@ -51,7 +51,7 @@ import shlex
 import sys
 import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -271,7 +271,10 @@ def score(theta, cfg, held, val_ids, shots, draws: int, seed: int, *, crossfit: 
     return rows
 
 
-def run(exp: Mapping[str, Any], *, cache: Path | None, only_dataset: str | None, log=print):
+def run(exp: Mapping[str, Any], *, cache: Path | None, only_dataset: str | None, log=print,
+        after_each: Callable[[list, list], None] | None = None):
+    """Train and score every cell; `after_each(score_rows, run_rows)` sees the rows so far after every
+    training run (main writes them, so an interrupted run keeps what it finished)."""
     import torch
 
     from common.config import load_config
@@ -284,7 +287,7 @@ def run(exp: Mapping[str, Any], *, cache: Path | None, only_dataset: str | None,
         if only_dataset and dataset != only_dataset:
             continue
         for alpha in exp["dirichlet-alphas"]:
-            for seed, fold in ((s, f) for s in exp["seeds"] for f in range(int(exp["folds"]))):
+            for seed, fold in ((s, f) for s in exp["seeds"] for f in exp.get("only-folds", range(int(exp["folds"])))):
                 rc0 = cell_run_config(exp, dataset, alpha, seed, fold)
                 cfg0 = load_config({**rc0, "held-out-fold": 0})
                 if cfg0.num_held_out == 0 or fold >= cfg0.num_hospitals // cfg0.num_held_out:
@@ -308,6 +311,8 @@ def run(exp: Mapping[str, Any], *, cache: Path | None, only_dataset: str | None,
                         log(f"{PREFIX} {dataset} alpha={alpha:g} seed={seed} fold={fold} {method['name']} eps={eps_label(eps)}: "
                             f"train {facts['train_seconds']}s{' (cached)' if facts['cached'] else ''}, "
                             f"total {run_rows[-1]['total_seconds']}s, max eps {facts['max_epsilon']:.3f}", flush=True)
+                        if after_each is not None:
+                            after_each(score_rows, run_rows)
     return score_rows, run_rows
 
 
@@ -442,8 +447,9 @@ def render(exp, report, runs, pairs: dict[str, Any], command: str) -> str:
                           "ΔAUC vs DP FedAvg (same ε), adapted | ΔAUC vs hospital alone |",
                           "|---|---|---|---|---|---|---|---|---|"]
                 sk = sel[sel.shots == k]
+                names = [m["name"] for m in exp["method"]]  # methods the file no longer lists go last
                 order = sorted(sk.groupby(["method", "epsilon"]).groups, key=lambda me: (
-                    [m["name"] for m in exp["method"]].index(me[0]), INF if me[1] == "inf" else float(me[1])))
+                    names.index(me[0]) if me[0] in names else len(names), INF if me[1] == "inf" else float(me[1])))
                 for meth, e in order:
                     g = sk[(sk.method == meth) & (sk.epsilon == e)]
                     ps = g.groupby(["seed", "fold"])[["auc_before", "auc_after", "val_auc"]].mean()
@@ -515,7 +521,7 @@ def plot(report, out: Path) -> list[Path]:
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m simulations.experiments.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("experiment", type=Path)
     ap.add_argument("--quick", action="store_true", help="the file's [quick] settings (CI-sized)")
@@ -528,13 +534,85 @@ def main(argv: list[str] | None = None) -> int:
                                                             "(the hospital alone, the reference, always runs)")
     ap.add_argument("--only-seeds", default=None, help="comma-separated subset of the file's seeds (to split a run "
                                                           "over processes; --merge joins the parts)")
+    ap.add_argument("--only-folds", default=None, help="comma-separated subset of the folds 0..folds-1")
     ap.add_argument("--merge", type=Path, nargs="*", default=None,
                     help="with --tables-only: output folders of partial runs whose CSVs are joined into --out")
     ap.add_argument("--tables-only", action="store_true", help="rebuild results.md from scores.csv and runs.csv")
     ap.add_argument("--run-config", action="append", default=None,
                     help="run-config overrides on top of the file's [run-config], for every cell "
                          "(e.g. \"activation='tanh'\"); recorded in command.txt")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _narrow(exp: dict[str, Any], args: argparse.Namespace) -> None:
+    """Apply the --only-* filters to the experiment (in place)."""
+    if args.only_alphas:
+        keep_a = {float(v) for v in args.only_alphas.split(",")}
+        exp["dirichlet-alphas"] = [a for a in exp["dirichlet-alphas"] if float(a) in keep_a]
+    if args.only_epsilons:
+        keep_e = {_eps(v) for v in args.only_epsilons.split(",")}
+        for m in exp["method"]:  # the baselines (local, centralised) have no epsilon and always run
+            if m["kind"] == "federated":
+                m["epsilons"] = [e for e in m["epsilons"] if e in keep_e]
+                if "skew-epsilons" in m:
+                    m["skew-epsilons"] = [e for e in m["skew-epsilons"] if e in keep_e]
+    if args.only_seeds:
+        keep = {int(v) for v in args.only_seeds.split(",")}
+        exp["seeds"] = [s for s in exp["seeds"] if int(s) in keep]
+    if args.only_folds:
+        keep = {int(v) for v in args.only_folds.split(",")}
+        exp["only-folds"] = [f for f in range(int(exp["folds"])) if f in keep]
+
+
+def _read_parts(args: argparse.Namespace, out: Path):
+    """--tables-only: scores, runs and command of `out` or of the --merge parts (joined into `out`)."""
+    import pandas as pd
+
+    parts = args.merge or [out]
+    scores = pd.concat([pd.read_csv(p / "scores.csv", dtype={"epsilon": str}) for p in parts], ignore_index=True)
+    runs = pd.concat([pd.read_csv(p / "runs.csv", dtype={"epsilon": str}) for p in parts], ignore_index=True)
+    for frame in (scores, runs):  # tables from before hospital-level folds
+        if "fold" not in frame.columns:
+            frame["fold"] = 0
+    # a baseline (no epsilon) re-run by a later part is the same cell: keep the first part's rows only
+    scores = scores.drop_duplicates([c for c in scores.columns if c not in ("auc", "accuracy")], keep="first")
+    runs = runs.drop_duplicates(["dataset", "dirichlet_alpha", "seed", "fold", "method", "epsilon"], keep="first")
+    command = "; ".join(dict.fromkeys((p / "command.txt").read_text().strip() for p in parts))
+    if args.merge:
+        scores.to_csv(out / "scores.csv", index=False)
+        runs.to_csv(out / "runs.csv", index=False)
+        (out / "command.txt").write_text(command + "\n")
+    return scores, runs, command
+
+
+def write_tables(exp: Mapping[str, Any], scores, runs, out: Path, command: str) -> None:
+    """report.csv, paired-*.csv, results.md and the plots from scores and runs."""
+    import pandas as pd
+
+    scores["epsilon"] = scores.epsilon.astype(str)
+    runs["epsilon"] = runs.epsilon.astype(str)
+    if "fold" not in runs.columns:  # tables from before hospital-level folds
+        runs["fold"] = 0
+    if "sigma" in runs.columns:  # no sigma (no DP) reads back from the CSV as NaN
+        runs["sigma"] = runs.sigma.fillna("")
+    report = choose_and_report(scores, crossfit=bool(exp["crossfit"]))
+    report.to_csv(out / "report.csv", index=False)
+    pairs = {"fedavg": paired(report, "fedavg"), "fedavg-before": paired(report, "fedavg", "auc_before", "auc_before"),
+             "local": paired(report, "local")}
+    # against the hospital alone, compare at every epsilon with local's only (no-DP) row
+    loc = report[report.method == "local"]
+    if not loc.empty:
+        rows = [loc.assign(epsilon=e) for e in report.epsilon.unique()]
+        pairs["local"] = paired(pd.concat([report[report.method != "local"], *rows]), "local")
+    for name, p in pairs.items():
+        if not p.empty:
+            p.to_csv(out / f"paired-{name}.csv", index=False)
+    (out / "results.md").write_text(render(exp, report, runs, pairs, command))
+    plot(report, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     import pandas as pd
 
     try:
@@ -550,60 +628,20 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (Path(exp["name"] + "-quick") if args.quick else REPO_ROOT / "docs" / "results" / exp["name"])
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m simulations.experiments.compare " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    if args.only_alphas:
-        keep_a = {float(v) for v in args.only_alphas.split(",")}
-        exp["dirichlet-alphas"] = [a for a in exp["dirichlet-alphas"] if float(a) in keep_a]
-    if args.only_epsilons:
-        keep_e = {_eps(v) for v in args.only_epsilons.split(",")}
-        for m in exp["method"]:  # the baselines (local, centralised) have no epsilon and always run
-            if m["kind"] == "federated":
-                m["epsilons"] = [e for e in m["epsilons"] if e in keep_e]
-                if "skew-epsilons" in m:
-                    m["skew-epsilons"] = [e for e in m["skew-epsilons"] if e in keep_e]
-    if args.only_seeds:
-        keep = {int(v) for v in args.only_seeds.split(",")}
-        exp["seeds"] = [s for s in exp["seeds"] if int(s) in keep]
+    _narrow(exp, args)
     if args.tables_only:
-        parts = args.merge or [out]
-        scores = pd.concat([pd.read_csv(p / "scores.csv", dtype={"epsilon": str}) for p in parts], ignore_index=True)
-        runs = pd.concat([pd.read_csv(p / "runs.csv", dtype={"epsilon": str}) for p in parts], ignore_index=True)
-        for frame in (scores, runs):  # tables from before hospital-level folds
-            if "fold" not in frame.columns:
-                frame["fold"] = 0
-        # a baseline (no epsilon) re-run by a later part is the same cell: keep the first part's rows only
-        scores = scores.drop_duplicates([c for c in scores.columns if c not in ("auc", "accuracy")], keep="first")
-        runs = runs.drop_duplicates(["dataset", "dirichlet_alpha", "seed", "fold", "method", "epsilon"], keep="first")
-        command = "; ".join(dict.fromkeys((p / "command.txt").read_text().strip() for p in parts))
-        if args.merge:
-            scores.to_csv(out / "scores.csv", index=False)
-            runs.to_csv(out / "runs.csv", index=False)
-            (out / "command.txt").write_text(command + "\n")
+        scores, runs, command = _read_parts(args, out)
     else:
-        score_rows, run_rows = run(exp, cache=args.cache, only_dataset=args.only_dataset)
-        scores, runs = pd.DataFrame(score_rows), pd.DataFrame(run_rows)
-        scores.to_csv(out / "scores.csv", index=False)
-        runs.to_csv(out / "runs.csv", index=False)
         (out / "command.txt").write_text(command + "\n")
-    scores["epsilon"] = scores.epsilon.astype(str)
-    runs["epsilon"] = runs.epsilon.astype(str)
-    if "fold" not in runs.columns:  # tables from before hospital-level folds
-        runs["fold"] = 0
-    report = choose_and_report(scores, crossfit=bool(exp["crossfit"]))
-    report.to_csv(out / "report.csv", index=False)
-    pairs = {"fedavg": paired(report, "fedavg"), "fedavg-before": paired(report, "fedavg", "auc_before", "auc_before"),
-             "local": paired(report, "local")}
-    # against the hospital alone, compare at every epsilon with local's only (no-DP) row
-    loc = report[report.method == "local"]
-    if not loc.empty:
-        rows = []
-        for e in report.epsilon.unique():
-            rows.append(loc.assign(epsilon=e))
-        pairs["local"] = paired(pd.concat([report[report.method != "local"], *rows]), "local")
-    for name, p in pairs.items():
-        if not p.empty:
-            p.to_csv(out / f"paired-{name}.csv", index=False)
-    (out / "results.md").write_text(render(exp, report, runs, pairs, command))
-    plot(report, out)
+
+        def save(score_rows, run_rows):
+            pd.DataFrame(score_rows).to_csv(out / "scores.csv", index=False)
+            pd.DataFrame(run_rows).to_csv(out / "runs.csv", index=False)
+
+        score_rows, run_rows = run(exp, cache=args.cache, only_dataset=args.only_dataset, after_each=save)
+        save(score_rows, run_rows)
+        scores, runs = pd.DataFrame(score_rows), pd.DataFrame(run_rows)
+    write_tables(exp, scores, runs, out, command)
     print(f"{PREFIX} wrote {out}/results.md")
     return 0
 
