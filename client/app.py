@@ -31,13 +31,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.audit import audit_mod
+from client.audit_log import audit_mod
 from client.guard import guard_mod
 from common import protocol as P
-from common.config import ADAPT_METHODS, Config, load_config
+from common.config import ADAPT_METHODS, AdaptMethod, Config, load_config
 from common.hospital import (
     Site, adapt_and_score, adaptation_grid_scores, check_privacy_budget, load_site, load_site_from_folder,
-    noise_multiplier_for, param_shapes, train_round,
+    noise_multiplier_for, param_shapes, site_sample_rate, train_round,
 )
 from common.data import dataset_info
 from common.journal import LedgerJournal, history_of
@@ -46,7 +46,7 @@ from common.policy import (
     HELD_OUT, TRAINING, HospitalPolicy, Refusal, check_evaluate, check_train, check_weights, coarsen_count,
     coarsen_score, parse_node_config,
 )
-from common.privacy import epsilon_of_history, sample_rate
+from common.privacy import epsilon_of_history
 from common.reply_timing import hold_until, padded_batch, reference_step_seconds
 
 NOISE_STATE = "noise-calibration"  # context.state: the calibrated noise multiplier, computed once per run
@@ -206,7 +206,7 @@ def train(msg: Message, context: Context) -> Message:
     else:
         metrics[P.LOSS] = outcome.update.loss
         content[P.GRADIENT] = ArrayRecord(
-            {k: v.detach().to(torch.float32).contiguous() for k, v in outcome.update.gradient.items()}
+            {k: v.detach().to(torch.float32).contiguous() for k, v in outcome.update.delta.items()}
         )
     content[P.METRICS] = MetricRecord(metrics)
     if deadline is not None and hold_until(started + deadline) == 0.0:
@@ -225,7 +225,7 @@ def _reply_deadline(cfg: Config, policy: HospitalPolicy, context: Context, n_pub
         return None
     if policy.reply_deadline != "auto":
         return float(policy.reply_deadline)
-    q = sample_rate(batch_size=cfg.batch_size, num_records=n_pub)
+    q = site_sample_rate(cfg, n_pub)
     batch = padded_batch(sample_rate=q, public_num_records=n_pub)
     key = f"{cfg.dataset}:{cfg.image_size}:{cfg.activation}:{batch}:{n_pub}"
     cached = context.state[DEADLINE_STATE] if DEADLINE_STATE in context.state else None
@@ -294,7 +294,7 @@ def _evaluation_request(cfg: Config, config) -> tuple[Config, bool]:
         return cfg, grid
     method, lr, steps = str(config[P.ADAPT_METHOD]), float(config[P.ADAPT_LR]), int(config[P.ADAPT_STEPS])
     if method == "none":  # theta as is
-        method, lr, steps = cfg.adapt_method, cfg.adapt_lr, 0
+        method, lr, steps = cfg.adapt_method.value, cfg.adapt_lr, 0
     if method not in ADAPT_METHODS or not (lr > 0 and math.isfinite(lr)) or not 0 <= steps <= MAX_ADAPT_STEPS:
         raise ValueError(f"the server asked for an invalid adaptation ({method!r}, lr={lr}, steps={steps})")
-    return dataclasses.replace(cfg, adapt_method=method, adapt_lr=lr, adapt_steps=steps), grid
+    return dataclasses.replace(cfg, adapt_method=AdaptMethod(method), adapt_lr=lr, adapt_steps=steps), grid

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from common.config import ACQUISITION_HELD_OUT, ACQUISITION_SHIFTS
+from common.config import ACQUISITION_HELD_OUT, ACQUISITION_SHIFTS, AcquisitionHeldOut, AcquisitionShift
 
 REFERENCE_SIZE = 224  # MedMNIST-C's parameters are defined on 224 x 224 images
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -371,9 +371,9 @@ def acquisition_profiles(
     held_out_ids: Iterable[int],
     seed: int,
     *,
-    shift: str = "medmnistc",
+    shift: AcquisitionShift | str = AcquisitionShift.MEDMNISTC,
     severity_max: int = 5,
-    held_out: str = "unseen",
+    held_out: AcquisitionHeldOut | str = AcquisitionHeldOut.UNSEEN,
     image_size: int = 28,
 ) -> dict[int, Profile | None]:
     """Each hospital's acquisition profile (None: the original images), deterministic from `seed`.
@@ -396,7 +396,7 @@ def acquisition_profiles(
     held = sorted({int(h) for h in held_out_ids})
     if any(not 0 <= h < num_hospitals for h in held) or len(held) >= num_hospitals:
         raise AcquisitionError(f"held-out ids {held} must be fewer than, and inside, 0..{num_hospitals - 1}")
-    if shift == "none":
+    if shift == AcquisitionShift.NONE:
         return {h: None for h in range(num_hospitals)}
     allowed = {c: [v for v in effective_severities(flag, c, image_size) if v <= severity_max]
                for c in corruptions_for(flag)}
@@ -407,7 +407,7 @@ def acquisition_profiles(
     order = [names[i] for i in np.random.default_rng([seed, _PROFILE_STREAM]).permutation(len(names))]
     training = [h for h in range(num_hospitals) if h not in held]
     n_unseen = min(len(order) - 1, max(1, round(len(order) * len(held) / num_hospitals))) if held else 0
-    unseen, seen = (order[:n_unseen], order[n_unseen:]) if held_out == "unseen" else ([], order)
+    unseen, seen = (order[:n_unseen], order[n_unseen:]) if held_out == AcquisitionHeldOut.UNSEEN else ([], order)
 
     def profile(corruption: str, h: int) -> Profile:
         options = allowed[corruption]
@@ -416,9 +416,9 @@ def acquisition_profiles(
     profiles: dict[int, Profile | None] = {h: profile(seen[i % len(seen)], h) for i, h in enumerate(training)}
     trained = [profiles[h] for h in training]
     for j, h in enumerate(held):
-        if held_out == "none":
+        if held_out == AcquisitionHeldOut.NONE:
             profiles[h] = None
-        elif held_out == "same":
+        elif held_out == AcquisitionHeldOut.SAME:
             pick = np.random.default_rng([seed, _PROFILE_STREAM, h]).integers(len(trained))
             profiles[h] = trained[int(pick)]
         else:

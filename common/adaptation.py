@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.config import ADAPT_METHODS
+from common.config import ADAPT_METHODS, AdaptMethod
 from common.maml import Params, Scores, evaluate, forward, mean_gradient, per_sample_gradients
 from common.model import norm_names
 from common.privacy import clip_and_sum
@@ -58,14 +58,19 @@ def finetune_trajectory(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    method: str,
+    method: AdaptMethod | str,
     lr: float,
     checkpoints: Sequence[int],
     max_grad_norm: float = 1.0,
 ) -> dict[int, Params]:
-    """Fine-tune on the support set (x, y); the weights after each step count in `checkpoints`."""
+    """Fine-tune on the support set (x, y); the weights after each step count in `checkpoints`.
+
+    `method` is the run's `AdaptMethod` or a grid point's string (grid points travel as strings: metric
+    names, model cards, `python -m client.adapt --method`); it is checked and parsed here, once.
+    """
     if method not in ADAPT_METHODS:
         raise ValueError(f"unknown adaptation method {method!r}; use one of {', '.join(ADAPT_METHODS)}")
+    method = AdaptMethod(method)
     steps = sorted({int(c) for c in checkpoints})
     if not steps or steps[0] < 0:
         raise ValueError(f"checkpoints must be non-negative step counts, got {list(checkpoints)}")
@@ -74,8 +79,8 @@ def finetune_trajectory(
     phi = {k: v.detach().clone() for k, v in params.items()}
     out: dict[int, Params] = {}
     opt = None
-    if method in ("adam", "norm-adam"):
-        moving = norm_names(model) if method == "norm-adam" else frozenset(phi)
+    if method in (AdaptMethod.ADAM, AdaptMethod.NORM_ADAM):
+        moving = norm_names(model) if method is AdaptMethod.NORM_ADAM else frozenset(phi)
         phi = {k: v.requires_grad_(k in moving) for k, v in phi.items()}
         opt = torch.optim.Adam([v for k, v in phi.items() if k in moving], lr=lr)
     done = 0
@@ -86,7 +91,7 @@ def finetune_trajectory(
                 F.cross_entropy(forward(model, phi, x), y).backward()
                 opt.step()
             else:
-                if method == "sgd":
+                if method is AdaptMethod.SGD:
                     leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
                     g, _ = mean_gradient(model, leaves, x, y)
                 else:
@@ -97,15 +102,15 @@ def finetune_trajectory(
     return out
 
 
-def finetune(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, *, method: str, steps: int,
-             lr: float, max_grad_norm: float = 1.0) -> Params:
+def finetune(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, *, method: AdaptMethod | str,
+             steps: int, lr: float, max_grad_norm: float = 1.0) -> Params:
     """`steps` steps of `method` at `lr` on (x, y)."""
     return finetune_trajectory(model, params, x, y, method=method, lr=lr, checkpoints=[steps],
                                max_grad_norm=max_grad_norm)[steps]
 
 
-def adapt_params(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, *, method: str, steps: int,
-                 lr: float, max_grad_norm: float = 1.0) -> Params:
+def adapt_params(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, *, method: AdaptMethod | str,
+                 steps: int, lr: float, max_grad_norm: float = 1.0) -> Params:
     """`finetune`, or a copy of `params` for the grid's "theta as is" point (`AS_IS`, or zero steps).
 
     What a site does with a chosen adaptation (`python -m client.adapt`, and every fold of the

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common.config import MetaOptimizer
 from common.maml import Params
 
 
@@ -87,7 +88,7 @@ class OuterOptimizer:
     """
 
     theta: dict[str, torch.Tensor]
-    kind: str
+    kind: MetaOptimizer | str  # the run's `meta-optimizer`; a string from tests and scripts
     lr: float
     momentum: float = 0.0
     average_decay: float = 0.0
@@ -99,9 +100,9 @@ class OuterOptimizer:
         self.steps = 0
         self._average: dict[str, torch.Tensor] | None = None
         params = list(self.theta.values())
-        if self.kind == "adam":
+        if self.kind == MetaOptimizer.ADAM:
             self._opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=self.lr)
-        elif self.kind == "sgd":
+        elif self.kind == MetaOptimizer.SGD:
             self._opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
         else:
             raise ValueError(f"unknown meta-optimizer {self.kind!r}; use adam or sgd")

@@ -17,8 +17,8 @@ Baselines producing a theta:
   (the upper bound a federation can hope for); Adam, mini-batches, the epoch with the best
   validation AUC on a held-aside part of that pooled data is kept (never the held-out hospitals).
 - local-only: the new hospital starts from the random initialisation (`random_init`) and runs the
-  same protocol; `train_local_adam` is the stronger local reference of `UTILITY_NOTES.md`
-  (full-batch Adam, many steps).
+  same protocol; `train_local_adam` is a stronger local-only reference: full-batch Adam on the
+  support set for many steps (the `local-adam` rows of docs/results/README.md: lr 1e-3, 300 steps).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def finetune_curves(
 def train_local_adam(
     model: nn.Module, params: Params, support: tuple[torch.Tensor, torch.Tensor], *, steps: int, lr: float
 ) -> Params:
-    """Full-batch Adam on the support set alone (the local-only reference of UTILITY_NOTES.md)."""
+    """Full-batch Adam on the support set alone: the stronger local-only reference (`local-adam`)."""
     theta = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     opt = torch.optim.Adam(list(theta.values()), lr=lr)
     xs, ys = support

@@ -10,15 +10,65 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from enum import Enum
+from typing import Any, TypeVar
 
-from common.algorithms import ALGORITHMS, Algorithm
-META_OPTIMIZERS = ("adam", "sgd")
-ADAPT_METHODS = ("sgd", "clipped-sgd", "adam", "norm-adam")
-INNER_PARAMS = ("all", "head")
-ACTIVATIONS = ("relu", "tanh")  # common.model.ACTIVATIONS (config stays free of torch)
-ACQUISITION_SHIFTS = ("none", "medmnistc")  # common.acquisition: each hospital's scanner
-ACQUISITION_HELD_OUT = ("unseen", "same", "none")  # held-out hospitals' scanners vs the training ones
+from common.algorithms import Algorithm
+
+
+class Choice(str, Enum):
+    """A fixed-choice run-config value. A `str` (it compares, hashes, prints and JSON-encodes as its
+    value), parsed once by `load_config`; code downstream compares members, never literals."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+class MetaOptimizer(Choice):
+    ADAM = "adam"
+    SGD = "sgd"
+
+
+class AdaptMethod(Choice):
+    """How a new hospital fine-tunes (`common.adaptation`)."""
+
+    SGD = "sgd"
+    CLIPPED_SGD = "clipped-sgd"
+    ADAM = "adam"
+    NORM_ADAM = "norm-adam"
+
+
+class InnerParams(Choice):
+    ALL = "all"
+    HEAD = "head"
+
+
+class Activation(Choice):
+    RELU = "relu"
+    TANH = "tanh"
+
+
+class AcquisitionShift(Choice):
+    NONE = "none"
+    MEDMNISTC = "medmnistc"
+
+
+class AcquisitionHeldOut(Choice):
+    UNSEEN = "unseen"
+    SAME = "same"
+    NONE = "none"
+
+
+META_OPTIMIZERS = MetaOptimizer.values()
+ADAPT_METHODS = AdaptMethod.values()
+INNER_PARAMS = InnerParams.values()
+ACTIVATIONS = Activation.values()  # common.model.ACTIVATIONS (config stays free of torch)
+ACQUISITION_SHIFTS = AcquisitionShift.values()  # common.acquisition: each hospital's scanner
+ACQUISITION_HELD_OUT = AcquisitionHeldOut.values()  # held-out hospitals' scanners vs the training ones
 
 
 class ConfigError(ValueError):
@@ -38,23 +88,23 @@ class Config:
     held_out_fold: int
     dirichlet_alpha: float
     size_alpha: float
-    acquisition_shift: str
+    acquisition_shift: AcquisitionShift
     acquisition_severity_max: int
-    acquisition_held_out: str
-    activation: str
+    acquisition_held_out: AcquisitionHeldOut
+    activation: Activation
     num_server_rounds: int
     clients_per_round: int
     min_replies: int
     round_timeout: float
     wait_for_nodes: float
-    algorithm: str
+    algorithm: Algorithm
     inner_steps: int
     inner_lr: float
-    inner_params: str
+    inner_params: InnerParams
     local_meta_steps: int
     local_lr: float
     meta_lr: float
-    meta_optimizer: str
+    meta_optimizer: MetaOptimizer
     server_momentum: float
     theta_average: float
     batch_size: int
@@ -65,10 +115,11 @@ class Config:
     max_grad_norm: float
     loss_clip: float
     loss_noise_factor: float
+    noise_lr_reference: float
     shots: int
     adapt_steps: int
     adapt_lr: float
-    adapt_method: str
+    adapt_method: AdaptMethod
     tune_adaptation: bool
     eval_every: int
     seed: int
@@ -80,7 +131,7 @@ class Config:
     @property
     def first_order(self) -> bool:
         """True for every algorithm except second-order MAML."""
-        return not Algorithm.parse(self.algorithm).second_order
+        return not self.algorithm.second_order
 
     @property
     def checkpoint_folder(self) -> str:
@@ -102,7 +153,7 @@ class Config:
     def gradients_per_episode(self) -> int:
         """Gradients computed from records in one local episode: the inner steps, plus the query
         gradient for (FO)MAML; FedAvg's episode is one plain local step."""
-        return Algorithm.parse(self.algorithm).gradients_per_episode(self.inner_steps)
+        return self.algorithm.gradients_per_episode(self.inner_steps)
 
     @property
     def gradient_steps_per_round(self) -> int:
@@ -120,8 +171,11 @@ class Config:
         return max(1, math.ceil(self.num_server_rounds * share - 1e-9))
 
     def to_run_config(self) -> dict[str, Any]:
-        """Back to kebab-case keys (for summaries and checkpoints)."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Back to kebab-case keys (for summaries and checkpoints); choices as plain strings."""
+        def plain(v: Any) -> Any:
+            return v.value if isinstance(v, Enum) else v
+
+        return {f.name.replace("_", "-"): plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 def _key(name: str) -> str:
@@ -175,13 +229,17 @@ def _bool(rc: Mapping[str, Any], name: str) -> bool:
     raise ConfigError(f"run-config key '{_key(name)}' = {value!r}: must be true or false")
 
 
-def _choice(rc: Mapping[str, Any], name: str, allowed: tuple[str, ...]) -> str:
+E = TypeVar("E", bound=Enum)
+
+
+def _choice(rc: Mapping[str, Any], name: str, choices: type[E]) -> E:
     value = _get(rc, name)
+    allowed = tuple(m.value for m in choices)
     if not isinstance(value, str) or value.lower() not in allowed:
         raise ConfigError(
             f"run-config key '{_key(name)}' = {value!r}: must be one of {', '.join(allowed)}"
         )
-    return value.lower()
+    return choices(value.lower())
 
 
 def _str(rc: Mapping[str, Any], name: str) -> str:
@@ -222,23 +280,23 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
         held_out_fold=_int(rc, "held_out_fold", lo=0),
         dirichlet_alpha=_float(rc, "dirichlet_alpha", lo=0.0),
         size_alpha=_float(rc, "size_alpha", lo=0.0),
-        acquisition_shift=_choice(rc, "acquisition_shift", ACQUISITION_SHIFTS),
+        acquisition_shift=_choice(rc, "acquisition_shift", AcquisitionShift),
         acquisition_severity_max=_int(rc, "acquisition_severity_max", lo=1, hi=5),
-        acquisition_held_out=_choice(rc, "acquisition_held_out", ACQUISITION_HELD_OUT),
-        activation=_choice(rc, "activation", ACTIVATIONS),
+        acquisition_held_out=_choice(rc, "acquisition_held_out", AcquisitionHeldOut),
+        activation=_choice(rc, "activation", Activation),
         num_server_rounds=_int(rc, "num_server_rounds", lo=1),
         clients_per_round=_int(rc, "clients_per_round", lo=1),
         min_replies=_int(rc, "min_replies", lo=1),
         round_timeout=_float(rc, "round_timeout", lo=0.0),
         wait_for_nodes=_float(rc, "wait_for_nodes", lo=0.0, lo_open=False),
-        algorithm=_choice(rc, "algorithm", ALGORITHMS),
+        algorithm=_choice(rc, "algorithm", Algorithm),
         inner_steps=_int(rc, "inner_steps", lo=1),
         inner_lr=_float(rc, "inner_lr", lo=0.0),
-        inner_params=_choice(rc, "inner_params", INNER_PARAMS),
+        inner_params=_choice(rc, "inner_params", InnerParams),
         local_meta_steps=_int(rc, "local_meta_steps", lo=1),
         local_lr=_float(rc, "local_lr", lo=0.0),
         meta_lr=_float(rc, "meta_lr", lo=0.0),
-        meta_optimizer=_choice(rc, "meta_optimizer", META_OPTIMIZERS),
+        meta_optimizer=_choice(rc, "meta_optimizer", MetaOptimizer),
         server_momentum=_float(rc, "server_momentum", lo=0.0, hi=0.999, lo_open=False),
         theta_average=_float(rc, "theta_average", lo=0.0, hi=0.99, lo_open=False),
         batch_size=_int(rc, "batch_size", lo=1),
@@ -249,10 +307,11 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
         max_grad_norm=_float(rc, "max_grad_norm", lo=0.0),
         loss_clip=_float(rc, "loss_clip", lo=0.0),
         loss_noise_factor=_float(rc, "loss_noise_factor", lo=0.0),
+        noise_lr_reference=_float(rc, "noise_lr_reference", lo=0.0, lo_open=False),
         shots=_int(rc, "shots", lo=1),
         adapt_steps=_int(rc, "adapt_steps", lo=0),
         adapt_lr=_float(rc, "adapt_lr", lo=0.0),
-        adapt_method=_choice(rc, "adapt_method", ADAPT_METHODS),
+        adapt_method=_choice(rc, "adapt_method", AdaptMethod),
         tune_adaptation=_bool(rc, "tune_adaptation"),
         eval_every=_int(rc, "eval_every", lo=1),
         seed=_int(rc, "seed", lo=0),
@@ -279,12 +338,12 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
             f"run-config key 'min-replies' = {cfg.min_replies}: must be <= 'clients-per-round' = "
             f"{cfg.clients_per_round}"
         )
-    if cfg.inner_params == "head" and not Algorithm.parse(cfg.algorithm).has_query:
+    if cfg.inner_params is InnerParams.HEAD and not cfg.algorithm.has_query:
         raise ConfigError(
             f"run-config key 'inner-params' = 'head' needs algorithm 'fomaml' or 'maml': {cfg.algorithm}'s "
             "update is the inner loop's own change, so with a head-only inner loop the body would never train"
         )
-    if cfg.dp and Algorithm.parse(cfg.algorithm).second_order:
+    if cfg.dp and cfg.algorithm.second_order:
         raise ConfigError(
             "run-config key 'algorithm' = 'maml' with 'dp' = true is refused: second-order MAML "
             "differentiates through the inner-loop updates, so per-sample clipping of the inner "

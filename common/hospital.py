@@ -17,8 +17,7 @@ import torch
 
 from common import data as D
 from common.acquisition import AcquisitionError, Profile, acquisition_profiles, acquisition_rng, apply_profile
-from common.algorithms import Algorithm
-from common.config import Config
+from common.config import AcquisitionShift, Config, InnerParams
 from common.maml import (
     Episode, MetaUpdate, Params, PerSampleFn, Scores, batches_from, evaluate, local_meta_update, plain_gradient_fn,
 )
@@ -26,7 +25,7 @@ from common.adaptation import GridPoint, finetune, score_grid
 from common.model import SmallCNN, build_model, head_names
 from common.privacy import (
     NoiseSource, PrivacyError, PrivacyLedger, PrivacySpec, SecureRandom, calibrate_noise_multiplier, epsilon_for,
-    private_gradient_fn, sample_rate, secure_generator, secure_rng,
+    private_gradient_fn, sample_rate, secure_generator,
 )
 
 
@@ -86,7 +85,7 @@ def site_profiles(cfg: Config) -> dict[int, Profile | None]:
             image_size=cfg.image_size,
         )
     except AcquisitionError as err:
-        raise D.DataError(f"acquisition-shift={cfg.acquisition_shift!r}: {err}") from None
+        raise D.DataError(f"acquisition-shift={cfg.acquisition_shift.value!r}: {err}") from None
 
 
 def _acquired(cfg: Config, ds: D.MedMNISTData, idx: np.ndarray, hospital_id: int, profile: Profile) -> np.ndarray:
@@ -135,6 +134,21 @@ def gradient_steps_per_round(cfg: Config) -> int:
     return cfg.gradient_steps_per_round
 
 
+def site_sample_rate(cfg: Config, num_records: int) -> float:
+    """q, the Poisson sampling rate of a hospital with `num_records` (public) records:
+    ``batch-size / num_records``, at most 1 (`common.privacy.sample_rate`). Every use of a site's
+    rate (accounting, calibration, sampling, the reply deadline, the planner) takes it from here."""
+    return sample_rate(batch_size=cfg.batch_size, num_records=num_records)
+
+
+def _calibrated_noise_multiplier(cfg: Config, q: float) -> float:
+    return calibrate_noise_multiplier(
+        target_epsilon=cfg.target_epsilon, delta=cfg.target_delta, sample_rate=q,
+        steps=cfg.gradient_steps_per_round * cfg.planned_rounds_per_hospital,
+        loss_noise_factor=cfg.loss_noise_factor,
+    )
+
+
 def noise_multiplier_for(cfg: Config, num_records: int) -> float:
     """The gradient noise multiplier of a hospital with `num_records` records.
 
@@ -144,19 +158,38 @@ def noise_multiplier_for(cfg: Config, num_records: int) -> float:
     """
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
-    q = sample_rate(batch_size=cfg.batch_size, num_records=num_records)
-    return calibrate_noise_multiplier(
-        target_epsilon=cfg.target_epsilon, delta=cfg.target_delta, sample_rate=q,
-        steps=cfg.gradient_steps_per_round * cfg.planned_rounds_per_hospital,
-        loss_noise_factor=cfg.loss_noise_factor,
-    )
+    return _calibrated_noise_multiplier(cfg, site_sample_rate(cfg, num_records))
 
 
-def privacy_spec(cfg: Config, num_records: int) -> PrivacySpec:
-    return PrivacySpec(
-        noise_multiplier=noise_multiplier_for(cfg, num_records), max_grad_norm=cfg.max_grad_norm,
+@dataclass(frozen=True)
+class SitePrivacy:
+    """A DP hospital's mechanism, worked out once from its (public) record count: the sampling rate
+    q (`site_sample_rate`) and the spec with the noise multiplier (`noise_multiplier_for`)."""
+
+    sample_rate: float
+    spec: PrivacySpec
+
+
+def site_privacy(cfg: Config, num_records: int) -> SitePrivacy:
+    q = site_sample_rate(cfg, num_records)
+    sigma = cfg.noise_multiplier if cfg.noise_multiplier > 0 else _calibrated_noise_multiplier(cfg, q)
+    return SitePrivacy(q, PrivacySpec(
+        noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
         delta=cfg.target_delta, loss_clip=cfg.loss_clip, loss_noise_factor=cfg.loss_noise_factor,
-    )
+    ))
+
+
+def site_local_lr(cfg: Config, noise_multiplier: float | None) -> float:
+    """The local learning rate of a site whose gradients carry noise `noise_multiplier` (None: no DP).
+
+    ``local-lr x min(1, noise-lr-reference / sigma)``: a site whose noise is above the reference
+    steps proportionally shorter, so that its noise moves theta no further per step than the
+    reference noise would (tiny hospitals calibrate sigma to 5-15). From public quantities only (sigma
+    follows from the published record count); it only ever lowers the rate. 0 turns it off.
+    """
+    if noise_multiplier is None or cfg.noise_lr_reference <= 0 or noise_multiplier <= cfg.noise_lr_reference:
+        return cfg.local_lr
+    return cfg.local_lr * cfg.noise_lr_reference / noise_multiplier
 
 
 @dataclass(frozen=True)
@@ -181,24 +214,24 @@ def draw_episodes(cfg: Config, num_records: int, rng: np.random.Generator, *,
     `sample_rate_` when given (the rate set by the hospital's public record count).
     """
     n = num_records
-    has_query = Algorithm.parse(cfg.algorithm).has_query
-    eps = []
+    has_query = cfg.algorithm.has_query
+    episodes = []
     for _ in range(cfg.local_meta_steps):
         if cfg.dp:
-            q = sample_rate_ if sample_rate_ is not None else sample_rate(batch_size=cfg.batch_size, num_records=n)
+            q = sample_rate_ if sample_rate_ is not None else site_sample_rate(cfg, n)
             sets = [D.poisson_sample(n, q, rng) for _ in range(cfg.gradients_per_episode)]
             if has_query:
-                eps.append((sets[:-1], sets[-1]))
+                episodes.append((sets[:-1], sets[-1]))
             else:
-                eps.append((sets, None))
+                episodes.append((sets, None))
         elif has_query:
             perm = rng.permutation(n)
             b = min(cfg.batch_size, max(1, n // 2))
-            eps.append(([np.sort(perm[:b])] * cfg.inner_steps, np.sort(perm[b:2 * b])))
+            episodes.append(([np.sort(perm[:b])] * cfg.inner_steps, np.sort(perm[b:2 * b])))
         else:
             k = cfg.gradients_per_episode
-            eps.append(([D.sample_without_replacement(n, cfg.batch_size, rng) for _ in range(k)], None))
-    return eps
+            episodes.append(([D.sample_without_replacement(n, cfg.batch_size, rng) for _ in range(k)], None))
+    return episodes
 
 
 def train_round(
@@ -232,11 +265,13 @@ def train_round(
     n_pub = int(public_num_records) if public_num_records is not None else n
     k = cfg.gradient_steps_per_round
     q = None
+    local_lr = cfg.local_lr
     if cfg.dp:
         if ledger is None:
             raise ValueError("DP is on: a privacy ledger is required")
-        spec = privacy_spec(cfg, n_pub)
-        q = sample_rate(batch_size=cfg.batch_size, num_records=n_pub)
+        mechanism = site_privacy(cfg, n_pub)
+        spec, q = mechanism.spec, mechanism.sample_rate
+        local_lr = site_local_lr(cfg, spec.noise_multiplier)
         sigma_acc = spec.accounted_noise_multiplier
         eps_after = ledger.epsilon_after(noise_multiplier=sigma_acc, sample_rate=q, steps=k)
         if eps_after > cfg.target_epsilon:
@@ -247,7 +282,7 @@ def train_round(
             )
         ledger.record(noise_multiplier=sigma_acc, sample_rate=q, steps=k)
         ledger.rounds += 1
-        rng = rng if rng is not None else secure_rng()
+        rng = rng if rng is not None else secure_generator()
         gradient_fn = private_gradient_fn(model, spec, num_records=n_pub, sample_rate=q,
                                           generator=generator or secure_generator(), per_sample_fn=per_sample_fn)
         epsilon, delta = ledger.epsilon(), ledger.delta
@@ -262,8 +297,8 @@ def train_round(
             yield Episode(list(batches_from(site.x, site.y, support_sets)), query)
 
     update = local_meta_update(
-        theta, algorithm=cfg.algorithm, episodes=episodes(), inner_lr=cfg.inner_lr, local_lr=cfg.local_lr,
-        gradient_fn=gradient_fn, model=model, inner_names=head_names(model) if cfg.inner_params == "head" else None,
+        theta, algorithm=cfg.algorithm, episodes=episodes(), inner_lr=cfg.inner_lr, local_lr=local_lr,
+        gradient_fn=gradient_fn, model=model, inner_names=head_names(model) if cfg.inner_params is InnerParams.HEAD else None,
     )
     return RoundOutcome(update, n_pub if cfg.dp else n, epsilon, delta)
 
@@ -367,9 +402,9 @@ def check_privacy_budget(cfg: Config, num_records: int) -> None:
     """
     if not cfg.dp:
         return
-    sigma = noise_multiplier_for(cfg, num_records)  # raises PrivacyError if calibration is impossible
-    spec = privacy_spec(cfg, num_records)
-    q = sample_rate(batch_size=cfg.batch_size, num_records=num_records)
+    mechanism = site_privacy(cfg, num_records)  # raises PrivacyError if calibration is impossible
+    spec, q = mechanism.spec, mechanism.sample_rate
+    sigma = spec.noise_multiplier
     first = epsilon_for(noise_multiplier=spec.accounted_noise_multiplier, sample_rate=q,
                         steps=cfg.gradient_steps_per_round, delta=cfg.target_delta)
     if first > cfg.target_epsilon:
@@ -427,7 +462,7 @@ def prepare_hospital_folders(cfg: Config, out_dir: str | Path) -> list[D.Hospita
               "dirichlet_alpha": cfg.dirichlet_alpha, "size_alpha": cfg.size_alpha, "seed": cfg.seed}
     profiles = site_profiles(cfg)
     extra: dict[int, dict] = {h: {} for h in range(cfg.num_hospitals)}
-    if cfg.acquisition_shift != "none":  # with no shift the folders and manifests are exactly as before
+    if cfg.acquisition_shift is not AcquisitionShift.NONE:  # with no shift the folders and manifests are exactly as before
         pooled = np.array(ds.images)  # one writable copy; each hospital's rows replaced by its acquired images
         for h, idx in enumerate(parts):
             if profiles[h] is not None:

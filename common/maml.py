@@ -54,11 +54,11 @@ def mean_gradient(
 
 
 # Per-sample-gradient engines; `per_sample_gradients` is the one place that chooses between them.
-# All three give the same per-record gradients (to float rounding, tested); they differ only in speed.
+# All engines give the same per-record gradients (to float rounding, tested); they differ only in speed.
 # The default was chosen by measurement (`python -m simulations.benchmark`: per call and per DP
-# round, interleaved, every engine on the same batches): on this 56k-parameter CNN at batch ~16
-# the closed-form ``layers`` engine was the fastest (about 1.4x a plain gradient per call, against
-# 1.7-1.8x for vmap, ew and Opacus' hooks); see docs/results/benchmark/benchmark.json.
+# round, interleaved, every engine on the same batches): the closed-form ``layers`` engine was the
+# fastest; the figures are in docs/results/benchmark/benchmark.json (``engines`` and
+# ``dp.dp_overhead_by_engine``), explained in docs/results/benchmark/README.md.
 PER_SAMPLE_ENGINES = ("vmap", "ew", "hooks", "layers")
 DEFAULT_PER_SAMPLE_ENGINE = "layers"
 
@@ -224,16 +224,20 @@ def adapt(
 
 @dataclass(frozen=True)
 class MetaUpdate:
-    """What a hospital sends back: a meta-gradient (or model delta) and its reported loss."""
+    """What a hospital sends back: `delta`, the direction the server steps theta against, and the reported loss.
 
-    gradient: Params
+    `delta` is ``theta - theta_local`` from `local_meta_update` (for every algorithm) and ``theta - phi``
+    from `meta_update` for reptile/fedavg; only `meta_update` for maml/fomaml puts the meta-gradient in it.
+    """
+
+    delta: Params
     loss: float
 
 
 def meta_update(
     theta: Params,
     *,
-    algorithm: str,
+    algorithm: Algorithm,
     support: Iterable[Batch],
     query: Batch | None,
     inner_lr: float,
@@ -247,11 +251,10 @@ def meta_update(
       for maml, at the adapted weights for fomaml). `query` is required.
     - reptile/fedavg: ``theta - phi``; the reported loss is that of the last inner step.
     """
-    algo = Algorithm.parse(algorithm)
-    if algo.has_query and query is None:
-        raise ValueError(f"algorithm {algo} needs a query batch")
+    if algorithm.has_query and query is None:
+        raise ValueError(f"algorithm {algorithm} needs a query batch")
 
-    if algo.second_order:
+    if algorithm.second_order:
         leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
         phi, _ = adapt(leaves, support, inner_lr=inner_lr, gradient_fn=gradient_fn, first_order=False,
                        inner_names=inner_names)
@@ -265,7 +268,7 @@ def meta_update(
         {k: v.detach() for k, v in theta.items()}, support,
         inner_lr=inner_lr, gradient_fn=gradient_fn, first_order=True, inner_names=inner_names,
     )
-    if algo.has_query:
+    if algorithm.has_query:
         release = gradient_fn(phi, query, False)  # type: ignore[arg-type]
         return MetaUpdate({k: v.detach() for k, v in release.grads.items()}, float(release.loss))
     delta = {k: (theta[k] - phi[k]).detach() for k in theta}
@@ -286,7 +289,7 @@ class Episode:
 def local_meta_update(
     theta: Params,
     *,
-    algorithm: str,
+    algorithm: Algorithm,
     episodes: Iterable[Episode],
     inner_lr: float,
     local_lr: float,
@@ -309,11 +312,10 @@ def local_meta_update(
     losses (query losses for (FO)MAML, the last inner loss for Reptile, the batch loss for FedAvg).
     Every gradient of patient records goes through `gradient_fn` (clipped and noised under DP).
     """
-    algo = Algorithm.parse(algorithm)
     local = {k: v.detach().clone() for k, v in theta.items()}
     losses: list[float] = []
     for ep in episodes:
-        if algo.plain_local_sgd:
+        if algorithm.plain_local_sgd:
             if len(ep.support) != 1:
                 raise ValueError("a FedAvg episode is one local step: exactly one batch")
             release = gradient_fn(local, ep.support[0], False)
@@ -321,7 +323,7 @@ def local_meta_update(
         else:
             u = meta_update(local, algorithm=algorithm, support=ep.support, query=ep.query,
                             inner_lr=inner_lr, gradient_fn=gradient_fn, model=model, inner_names=inner_names)
-            step, loss = u.gradient, u.loss
+            step, loss = u.delta, u.loss
         local = {k: (local[k] - local_lr * step[k]).detach() for k in local}
         losses.append(loss)
     if not losses:
@@ -344,8 +346,8 @@ EVAL_CHUNK = 128  # records per forward pass when scoring
 def predict_logits(model: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
     """Logits of every record, scored in chunks of `EVAL_CHUNK` without a graph.
 
-    In chunks: the same logits (per-record layers only), about 2x faster on a CPU than one batch
-    of a whole query set (1,382 PneumoniaMNIST records: 0.50 s -> 0.22 s on 2 cores, measured).
+    In chunks: the same logits (per-record layers only), and faster on a CPU than one batch of a
+    whole query set (see docs/results/benchmark/README.md, "Scoring in chunks").
     """
     with torch.no_grad():
         detached = {k: v.detach() for k, v in params.items()}

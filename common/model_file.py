@@ -452,7 +452,7 @@ def training_card(cfg: Config, *, hospitals: Mapping[str, Mapping[str, Any]], ad
                         "orders": [float(a) for a in RDP_ORDERS]} if cfg.dp else None),
     }
     chosen = {**dict(adaptation), "shots_per_class": cfg.shots}
-    run = {"algorithm": cfg.algorithm, "seed": cfg.seed, "num_server_rounds": cfg.num_server_rounds,
+    run = {"algorithm": cfg.algorithm.value, "seed": cfg.seed, "num_server_rounds": cfg.num_server_rounds,
            "rounds_completed": int(rounds), "training_hospitals": [int(h) for h in training_hospitals],
            "held_out_hospitals": [int(h) for h in held_out_hospitals], "config": cfg.to_run_config()}
     card: dict[str, Any] = {
@@ -473,7 +473,7 @@ def training_card(cfg: Config, *, hospitals: Mapping[str, Mapping[str, Any]], ad
         "evaluation": None if evaluation is None else {
             **{k: v for k, v in evaluation.items() if k != "adaptation"}, "on": "held-out test hospitals"},
         "code": code_version(),
-        "history": [{"step": "federated training", "time": _iso(now), "algorithm": cfg.algorithm,
+        "history": [{"step": "federated training", "time": _iso(now), "algorithm": cfg.algorithm.value,
                      "rounds": int(rounds), "hospitals": [int(h) for h in training_hospitals], "dp": cfg.dp,
                      "max_epsilon": max_eps, "delta": cfg.target_delta if cfg.dp else None}],
     }

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from common.algorithms import Algorithm
 from common.config import Config
-from common.privacy import PrivacySpec, effective_noise_multiplier, epsilon_for, sample_rate
+from common.privacy import epsilon_for
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class Plan:
 
 def plan_run(cfg: Config, hospital_sizes: Sequence[int], *, num_parameters: int) -> Plan:
     """The plan of `cfg` for training hospitals of `hospital_sizes` records (DP must be on)."""
-    from common.hospital import noise_multiplier_for  # noqa: PLC0415 (hospital imports the data stack)
+    from common.hospital import site_privacy  # noqa: PLC0415 (hospital imports the data stack)
 
     if not cfg.dp:
         raise ValueError("the privacy planner needs dp=true")
@@ -84,11 +84,9 @@ def plan_run(cfg: Config, hospital_sizes: Sequence[int], *, num_parameters: int)
     d = num_parameters
     t = cfg.gradient_steps_per_round
     for n in hospital_sizes:
-        q = sample_rate(batch_size=cfg.batch_size, num_records=int(n))
-        sigma = noise_multiplier_for(cfg, int(n))
-        spec = PrivacySpec(noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, delta=cfg.target_delta,
-                           loss_clip=cfg.loss_clip, loss_noise_factor=cfg.loss_noise_factor)
-        sig_eff = effective_noise_multiplier(sigma, cfg.loss_noise_factor)
+        mechanism = site_privacy(cfg, int(n))
+        q, spec = mechanism.sample_rate, mechanism.spec
+        sigma, sig_eff = spec.noise_multiplier, spec.accounted_noise_multiplier
         steps = t * cfg.planned_rounds_per_hospital
         eps = epsilon_for(noise_multiplier=sig_eff, sample_rate=q, steps=steps, delta=cfg.target_delta)
         batch = q * n
@@ -96,7 +94,7 @@ def plan_run(cfg: Config, hospital_sizes: Sequence[int], *, num_parameters: int)
         nsr_step = sigma * math.sqrt(d) / batch
         # theta - theta_local after t noisy steps at the local lr: noise adds in sqrt(t), the clipped
         # signal in at most t (the server's max-update-norm must leave room for it)
-        lr = cfg.local_lr if Algorithm.parse(cfg.algorithm) is not Algorithm.REPTILE else cfg.local_lr * cfg.inner_lr
+        lr = cfg.local_lr if cfg.algorithm is not Algorithm.REPTILE else cfg.local_lr * cfg.inner_lr
         update = lr * (math.sqrt(t) * per_coord * math.sqrt(d) + t * cfg.max_grad_norm)
         plans.append(HospitalPlan(int(n), q, batch, sigma, sig_eff, t, cfg.planned_rounds_per_hospital, steps, eps,
                                   cfg.target_delta, per_coord, nsr_step, nsr_step / math.sqrt(t), update))

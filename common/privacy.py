@@ -363,10 +363,6 @@ NoiseSource = torch.Generator | SecureRandom
 
 
 def secure_generator() -> SecureRandom:
-    """The noise source under DP: the OS's cryptographically secure generator (never the run's seed)."""
-    return SecureRandom()
-
-
-def secure_rng() -> SecureRandom:
-    """The record sampler under DP: the same secure source (`poisson_sample` only calls `.random`)."""
+    """The randomness under DP, for both the noise and the Poisson sampling of records (`poisson_sample`
+    only calls `.random`): the OS's cryptographically secure generator (never the run's seed)."""
     return SecureRandom()

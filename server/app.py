@@ -203,7 +203,7 @@ def _adaptation(cfg: Config, strategy: MetaGradientStrategy) -> dict[str, Any]:
         method, lr, steps = strategy.chosen_adaptation
         return {"method": method, "lr": lr, "steps": steps, "chosen_on": "validation hospitals",
                 "validation_hospitals": list(validation_hospitals(cfg))}
-    return {"method": cfg.adapt_method, "lr": cfg.adapt_lr, "steps": cfg.adapt_steps, "chosen_on": "run config"}
+    return {"method": cfg.adapt_method.value, "lr": cfg.adapt_lr, "steps": cfg.adapt_steps, "chosen_on": "run config"}
 
 
 def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:

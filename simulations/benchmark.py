@@ -1,69 +1,14 @@
 """Benchmarks: DP overhead, federation overhead against the compute floor, and scale (not unit tests).
 
-    python -m simulations.benchmark [--quick] [--skip-flower] [--only PART,...] [--out DIR]
+    python -m simulations.benchmark [--quick] [--skip-flower] [--only PART,...] [--out DIR] [--force]
 
-Prints the ratios and writes ``benchmark.json`` (keys ``dp_overhead``, ``federation_overhead_10``,
-``federation_overhead_100``, ``peak_memory_gib_1000``, ``secure_noise_seconds``, ``mt_noise_seconds``,
-``secure_noise_over_mt``, ``torch_import_s``, ``clientapp_import_s``, ``deployed_round_over_simulated``,
-``clientapp_start_s``, ``clientapp_start_over_torch_import``, ``peak_memory_gib_10000``,
-``round_seconds_10000_over_10``, ``machine`` and the details of each measurement) into ``--out``, by
-default ``./benchmark-out`` under the current directory. ``--only`` runs some parts (``PARTS``) and
-writes only their keys. The committed results (``docs/results/benchmark``) are written only when
-``--out`` names that folder, and never by ``--quick``, ``--skip-flower`` or ``--only`` runs (fewer
-repetitions, or figures missing) unless ``--force`` is given. A quick run writes the same keys as a
-full run, from fewer repetitions.
-
-How each figure is measured (everything in one run, on this machine, one torch thread per process):
-
-- **Per-sample-gradient engines**: `common.maml.per_sample_gradients` with each engine on the same
-  Poisson-sized batches of real records, interleaved with the order rotated every repetition;
-  medians of per-repetition ratios to ``vmap``; max abs difference of the per-record gradients.
-- **dp_overhead**: wall time of one DP meta-training round (every sampled hospital's
-  `common.hospital.train_round` with Poisson batches, clipping, noise and its ledger, then the
-  aggregation and outer step) over the same round without DP: same config, model, hospitals and
-  expected batch size; rounds interleaved; median of the per-repetition ratios. Noise calibration
-  is a one-off per hospital and run; it is reported separately (``dp_calibration_seconds``).
-- **federation_overhead_N**: a real Flower simulation (`simulations.run`: managed SuperLink,
-  simulation engine, Ray) of N registered hospitals with a fixed number sampled per round, per-round
-  wall time from its ``summary.json`` (``rounds[i].seconds``, round 1 (Ray start-up) and the last
-  round (held-out evaluation) skipped), over the same rounds of `simulations.experiments.local_loop.meta_train`
-  on the same config in this process (the compute floor: identical calls, no transport), run once
-  before and once after the Flower run (the machine is shared; its load drifts); medians. Flower
-  gets as many CPUs as the floor (``--num-cpus``, default 1), so the ratio is the cost of the
-  federation, not of parallelism.
-- **DP noise source**: one release of noise for every parameter of the model (one draw per
-  parameter tensor, as `common.privacy.gaussian_noise` makes them) from the product's source,
-  `common.privacy.SecureRandom` (``os.urandom`` + Box-Muller), and from a seeded ``torch.Generator``
-  (Mersenne Twister, created once) with ``torch.normal``; interleaved, order rotated every repetition;
-  medians of the per-release seconds and of the per-repetition ratios (``secure_noise_over_mt``).
-- **import times**: wall time of a bare ``python -c "import torch"`` and ``python -c "import
-  client.app"`` subprocess in this environment, interleaved after one warm-up each; medians.
-- **scale**: the same Flower run at 10, 100 and 1,000 registered hospitals: wall per round and
-  peak memory of the whole process tree (sum of PSS from ``/proc/<pid>/smaps_rollup`` over the
-  launcher and all its descendants, sampled every 0.25 s; the launcher is a subreaper, so Ray
-  workers stay in its tree).
-- **deployed_round_over_simulated**: tests/test_deployment.py's run (3 hospitals, 1 held out, DP at
-  ε = 8, 2 of 2 training hospitals per round, evaluation only in the last round) run once deployed
-  (`simulations.deployment.LocalDeployment`: SuperLink and 3 SuperNodes on 127.0.0.1, TLS, SuperNode
-  authentication, one fresh ClientApp process per message) and once on the simulation engine
-  (`simulations.run`, 2 CPUs: both sides can serve the round's two hospitals at once); steady-state
-  round time = median of ``rounds[i].seconds`` without the first and the last round, ratio of the
-  medians. The deployed round is split into: ``clientapp_start_s``, the wall time of a fresh
-  ``python`` that imports ``client.app``, loads a training hospital's deployed data folder and runs
-  one forward pass (interleaved over the training hospitals, after one warm-up; the Flower log has no
-  timestamps at the default level, so this is measured beside the run, not inside it); the compute
-  floor (`local_rounds` on the same config in this process: both hospitals one after the other, no
-  transport, before and after the Flower runs); and the remainder (transport, the SuperNode's process
-  spawn, the server's polling), deployed median − start − floor: it assumes the two ClientApps do not
-  overlap, which holds when one core is free (a second job on a 2-core machine).
-- **scale to 10,000**: the same Flower run as **scale** at 10 and at 10,000 registered hospitals, 10
-  per round (none held out, so that 10 of 10 can be sampled), each on a synthetic PneumoniaMNIST-format
-  file of 6.4 records per hospital (64,000 records for 10,000 hospitals, 64 for 10; the real file is
-  too small for 10,000 hospitals of >= 4 records), so that the hospitals and the work of a round are
-  the same and only N changes: peak PSS of the tree at 10,000 and the ratio of the steady-state round
-  medians. (Until 2026-12-04 both runs shared the 64,000-record file, so the 10 hospitals of the
-  smaller run held 6,400 records each and its rounds were the heavier ones: a ratio of 0.27.) A run
-  that fails or times out leaves the key ``null`` with the reason beside it.
+Measures, in one run on this machine with one torch thread per process: the per-sample-gradient
+engines, a DP round against the same round without DP, the DP noise source, import and ClientApp
+start-up times, a Flower simulation against the in-process compute floor at 10 to 1,000 hospitals,
+a deployed run against a simulated one, and 10,000 registered hospitals. Prints the ratios and writes
+``benchmark.json`` into ``--out`` (default ``./benchmark-out``); ``--only`` runs some of `PARTS`.
+The committed results are written only with ``--out docs/results/benchmark`` on a full run (or with
+``--force``). Every key and how each figure is measured: docs/results/benchmark/README.md.
 """
 
 from __future__ import annotations
@@ -176,6 +121,7 @@ def bench_engines(data_dir: str, *, reps: int, batch_size: int = 16) -> dict[str
     from common import data as D
     from common.maml import PER_SAMPLE_ENGINES, mean_gradient, per_sample_gradients
     from common.model import build_model, get_params
+    from common.privacy import sample_rate
 
     ds = D.load_medmnist("breastmnist", data_dir)
     x_all, y_all = ds.to_tensor(np.arange(min(len(ds), 256)))
@@ -197,7 +143,7 @@ def bench_engines(data_dir: str, *, reps: int, batch_size: int = 16) -> dict[str
     fns["no-dp mean gradient"] = nodp
     times: dict[str, list[float]] = {k: [] for k in fns}
     for rep in range(reps + 2):
-        idx = D.poisson_sample(len(x_all), batch_size / len(x_all), rng)
+        idx = D.poisson_sample(len(x_all), sample_rate(batch_size=batch_size, num_records=len(x_all)), rng)
         x, y = x_all[idx], y_all[idx]
         for k in _rotated(list(fns), rep):
             t0 = time.perf_counter()
@@ -225,7 +171,7 @@ def bench_dp_round(data_dir: str, *, reps: int) -> dict[str, Any]:
     from common.model import get_params
     from common.privacy import PrivacyLedger
 
-    rc = _base_rc(data_dir)  # the README defaults: breastmnist, fomaml, 8 of 8 hospitals, batch 16, eps 8
+    rc = _base_rc(data_dir)  # the app's defaults (pyproject.toml); the measured ones are written under dp.config
     cfg_dp = load_config({**rc, "dp": True})
     cfg_plain = load_config({**rc, "dp": False})
     training, _ = sites_for(cfg_dp)
@@ -245,7 +191,7 @@ def bench_dp_round(data_dir: str, *, reps: int) -> dict[str, Any]:
         for s in chosen:
             out = train_round(cfg, s, opt.params(), server_round=1, per_sample_fn=per_sample_fn,
                               ledger=PrivacyLedger(delta=cfg.target_delta) if cfg.dp else None)
-            ups.append({k: v.numpy().astype(np.float32) for k, v in out.update.gradient.items()})
+            ups.append({k: v.numpy().astype(np.float32) for k, v in out.update.delta.items()})
             ws.append(float(out.num_examples))
         opt.step(weighted_mean(ups, ws))
         return time.perf_counter() - start
@@ -265,7 +211,7 @@ def bench_dp_round(data_dir: str, *, reps: int) -> dict[str, Any]:
             "dp_overhead_by_engine": {k[3:]: v["ratio_median"] for k, v in stats.items() if k.startswith("dp-")},
             "fastest_engine_measured": fastest[3:], "rounds": stats,
             "dp_calibration_seconds": round(calibration, 2), "hospitals_per_round": len(chosen),
-            "config": {"dataset": cfg_dp.dataset, "algorithm": cfg_dp.algorithm, "inner_steps": cfg_dp.inner_steps,
+            "config": {"dataset": cfg_dp.dataset, "algorithm": cfg_dp.algorithm.value, "inner_steps": cfg_dp.inner_steps,
                        "batch_size": cfg_dp.batch_size, "target_epsilon": cfg_dp.target_epsilon}}
 
 

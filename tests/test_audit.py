@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.audit import (
+from common.canary_audit import (
     AuditError, Canaries, binomial_tail, binomial_tails, canary_per_sample_fn, count_correct, draw_canaries,
     epsilon_lower_bound, flatten, guess, p_value, with_canaries,
 )
@@ -194,7 +194,7 @@ def test_quick_audit_bounds_dp_below_target_and_catches_no_dp(medmnist_dir: Path
     runs = {"dp": "target-epsilon=2", "nodp": "dp=false"}
     procs = {
         name: subprocess.Popen(
-            [sys.executable, "-m", "simulations.experiments.audit", "--quick", "--out", str(tmp_path / name), "--run-config",
+            [sys.executable, "-m", "simulations.experiments.privacy_audit", "--quick", "--out", str(tmp_path / name), "--run-config",
              f"{extra} data-dir='{medmnist_dir}' dataset='{dataset}'"],
             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for name, extra in runs.items()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.audit import CRAFTED_KINDS, craft_theta, flatten
+from common.canary_audit import CRAFTED_KINDS, craft_theta, flatten
 from common.model import SmallCNN, get_params
 from common.policy import DEPLOYED_LIMITS, HospitalPolicy, Refusal, check_weights
 
@@ -52,7 +52,7 @@ def test_quick_adversarial_audit_stays_below_the_claim(medmnist_dir: Path, tmp_p
     dataset = "pneumoniamnist" if (medmnist_dir / "pneumoniamnist.npz").exists() else "breastmnist"
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "simulations.experiments.audit", "--quick", "--adversarial", "--out", str(tmp_path),
+        [sys.executable, "-m", "simulations.experiments.privacy_audit", "--quick", "--adversarial", "--out", str(tmp_path),
          "--run-config", f"target-epsilon=2 data-dir='{medmnist_dir}' dataset='{dataset}'"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

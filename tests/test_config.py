@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import ConfigError, load_config
+from common.algorithms import Algorithm
+from common.config import (
+    AcquisitionHeldOut, AcquisitionShift, Activation, AdaptMethod, ConfigError, InnerParams, MetaOptimizer, load_config,
+)
 from conftest import base_run_config
 
 
@@ -13,6 +16,22 @@ def test_pyproject_defaults_are_valid() -> None:
     assert cfg.num_hospitals >= 10 and cfg.dp and cfg.first_order and cfg.algorithm in ("fomaml", "reptile", "fedavg")
     assert cfg.gradient_steps_per_round == 16  # the DP step budget per round that docs/results compares at
     assert cfg.to_run_config()["target-epsilon"] == cfg.target_epsilon
+
+
+
+def test_choices_are_parsed_once_into_enums_and_written_back_as_plain_strings() -> None:
+    rc = {**base_run_config(), "algorithm": "FOMAML", "adapt-method": "norm-adam", "activation": "relu",
+          "inner-params": "head", "meta-optimizer": "adam", "acquisition-shift": "medmnistc",
+          "acquisition-held-out": "same"}
+    cfg = load_config(rc)
+    assert cfg.algorithm is Algorithm.FOMAML and cfg.adapt_method is AdaptMethod.NORM_ADAM
+    assert cfg.activation is Activation.RELU and cfg.inner_params is InnerParams.HEAD
+    assert cfg.meta_optimizer is MetaOptimizer.ADAM and cfg.acquisition_shift is AcquisitionShift.MEDMNISTC
+    assert cfg.acquisition_held_out is AcquisitionHeldOut.SAME
+    back = cfg.to_run_config()
+    assert all(type(v) in (str, int, float, bool) for v in back.values())  # plain JSON values, no Enum
+    assert (back["algorithm"], back["adapt-method"], back["acquisition-held-out"]) == ("fomaml", "norm-adam", "same")
+    assert load_config(back) == cfg
 
 
 @pytest.mark.parametrize(("key", "value", "fragment"), [

@@ -33,8 +33,8 @@ def test_any_2d_dataset_trains_and_adapts(synthetic_dir, flag, size, channels, c
     theta = get_params(new_model(cfg, site.info))
     out = train_round(cfg, site, theta, ledger=PrivacyLedger(delta=cfg.target_delta) if dp else None, server_round=1)
     assert out.update is not None
-    assert {k: v.shape for k, v in out.update.gradient.items()} == {k: v.shape for k, v in theta.items()}
-    assert all(torch.isfinite(v).all() for v in out.update.gradient.values())
+    assert {k: v.shape for k, v in out.update.delta.items()} == {k: v.shape for k, v in theta.items()}
+    assert all(torch.isfinite(v).all() for v in out.update.delta.values())
     assert (out.epsilon > 0) == dp
     held = load_site(cfg, 5)
     scores = adapt_and_score(cfg, held, theta)
@@ -75,7 +75,7 @@ def test_non_dp_rounds_are_reproducible_from_the_seed(synthetic_dir) -> None:
     a = train_round(cfg, site, theta, ledger=None, server_round=3).update
     b = train_round(cfg, site, theta, ledger=None, server_round=3).update
     for k in theta:
-        np.testing.assert_array_equal(a.gradient[k].numpy(), b.gradient[k].numpy())
+        np.testing.assert_array_equal(a.delta[k].numpy(), b.delta[k].numpy())
 
 
 @pytest.mark.parametrize(("algorithm", "inner", "episodes", "per_episode"), [
@@ -126,3 +126,17 @@ def test_noise_is_calibrated_for_the_participation_the_sampler_gives(synthetic_d
     assert 0.97 * 3.0 < ledger.epsilon() <= 3.0
     everyone = cfg_for(synthetic_dir, num_server_rounds=10, clients_per_round=5, target_epsilon=3.0)
     assert noise_multiplier_for(everyone, site.num_records) > noise_multiplier_for(cfg, site.num_records)
+
+
+def test_noise_scaled_local_lr_only_lowers_the_rate_in_proportion_to_sigma() -> None:
+    """`noise-lr-reference`: local-lr x min(1, reference / sigma); 0 (or no DP) leaves local-lr."""
+    from common.config import load_config
+    from common.hospital import site_local_lr
+    from server.run_config import app_config
+
+    on = load_config({**app_config(), "local-lr": 0.5, "noise-lr-reference": 1.0})
+    assert site_local_lr(on, 0.5) == 0.5 and site_local_lr(on, 1.0) == 0.5
+    assert site_local_lr(on, 8.0) == pytest.approx(0.5 / 8.0)
+    assert site_local_lr(on, None) == 0.5
+    off = load_config({**app_config(), "local-lr": 0.5, "noise-lr-reference": 0.0})
+    assert site_local_lr(off, 8.0) == 0.5

@@ -36,6 +36,20 @@ def _task_identity():
     yield
 
 
+class SeededSource:
+    """A seeded stand-in for `common.privacy.SecureRandom`: numpy draws the record samples, torch the noise."""
+
+    def __init__(self) -> None:
+        self.sampling = np.random.default_rng(1234)
+        self.noise = torch.Generator().manual_seed(5678)
+
+    def random(self, n: int) -> np.ndarray:
+        return self.sampling.random(n)
+
+    def normal(self, shape: tuple[int, ...], *, std: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.normal(0.0, std, size=tuple(shape), generator=self.noise).to(dtype)
+
+
 def rc_for(medmnist_dir, tmp_path, **over) -> dict:
     rc = {**base_run_config(), "data-dir": str(medmnist_dir), "results-dir": str(tmp_path / "results"),
           "dataset": "breastmnist", "num-hospitals": 5, "num-held-out": 1, "clients-per-round": 3,
@@ -90,8 +104,7 @@ def assert_same(summary: dict, theta_flower: dict, cfg) -> None:
                                                           ("fedavg", True, 0.5)])
 def test_local_loop_equals_the_flower_apps(medmnist_dir, tmp_path, monkeypatch, algorithm, dp, average) -> None:
     if dp:  # one injected generator for both paths, re-seeded per call (the product's are never seeded)
-        monkeypatch.setattr(H, "secure_rng", lambda: np.random.default_rng(1234))
-        monkeypatch.setattr(H, "secure_generator", lambda: torch.Generator().manual_seed(5678))
+        monkeypatch.setattr(H, "secure_generator", SeededSource)
     rc = rc_for(medmnist_dir, tmp_path, algorithm=algorithm, dp=dp, **{"theta-average": average},
                 **({"inner-steps": 2} if algorithm == "reptile" else {}))
     cfg = load_config(rc)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from common.adaptation import finetune
+from common.algorithms import Algorithm
 from common.maml import (
     adapt, evaluate, loss_fn, mean_gradient, meta_update, per_sample_gradients, plain_gradient_fn,
 )
@@ -50,9 +51,9 @@ def test_second_order_maml_matches_finite_differences_and_differs_from_first_ord
     model = tiny_linear(3)
     theta = get_params(model)
     support, query = data(6, 4), data(5, 5)
-    upd = meta_update(theta, algorithm="maml", support=[support, support], query=query, inner_lr=0.8,
+    upd = meta_update(theta, algorithm=Algorithm.MAML, support=[support, support], query=query, inner_lr=0.8,
                       gradient_fn=plain_gradient_fn(model), model=model)
-    fo = meta_update(theta, algorithm="fomaml", support=[support, support], query=query, inner_lr=0.8,
+    fo = meta_update(theta, algorithm=Algorithm.FOMAML, support=[support, support], query=query, inner_lr=0.8,
                      gradient_fn=plain_gradient_fn(model), model=model)
     # central finite differences of L_query(adapt(theta)) in float64
     eps = 1e-6
@@ -65,8 +66,8 @@ def test_second_order_maml_matches_finite_differences_and_differs_from_first_ord
             minus[name].view(-1)[i] -= eps
             fd = (_query_loss_after_adaptation(model, plus, support, query, 0.8, 2)
                   - _query_loss_after_adaptation(model, minus, support, query, 0.8, 2)) / (2 * eps)
-            assert abs(float(fd) - float(upd.gradient[name].view(-1)[i])) < 1e-6
-    diff = max(float((upd.gradient[k] - fo.gradient[k]).abs().max()) for k in theta)
+            assert abs(float(fd) - float(upd.delta[name].view(-1)[i])) < 1e-6
+    diff = max(float((upd.delta[k] - fo.delta[k]).abs().max()) for k in theta)
     assert diff > 1e-4, "second-order and first-order meta-gradients should differ on a curved loss"
 
 
@@ -76,11 +77,11 @@ def test_meta_gradient_reaches_every_parameter_of_the_cnn() -> None:
     g = torch.Generator().manual_seed(0)
     support = (torch.randn(6, 3, 28, 28, generator=g), torch.randint(0, 4, (6,), generator=g))
     query = (torch.randn(6, 3, 28, 28, generator=g), torch.randint(0, 4, (6,), generator=g))
-    for algo in ("maml", "fomaml", "reptile", "fedavg"):
+    for algo in Algorithm:
         upd = meta_update(theta, algorithm=algo, support=[support] * 2, query=query, inner_lr=0.1,
                           gradient_fn=plain_gradient_fn(model), model=model)
-        assert set(upd.gradient) == set(theta)
-        for k, v in upd.gradient.items():
+        assert set(upd.delta) == set(theta)
+        for k, v in upd.delta.items():
             assert v.shape == theta[k].shape
             assert torch.isfinite(v).all() and v.abs().sum() > 0, (algo, k)
 
@@ -91,10 +92,10 @@ def test_reptile_update_is_theta_minus_adapted_weights_and_module_untouched() ->
     theta = get_params(model)
     batches = [data(4, 10), data(4, 11), data(4, 12)]
     phi, _ = adapt(theta, batches, inner_lr=0.3, gradient_fn=plain_gradient_fn(model), first_order=True)
-    upd = meta_update(theta, algorithm="reptile", support=batches, query=None, inner_lr=0.3,
+    upd = meta_update(theta, algorithm=Algorithm.REPTILE, support=batches, query=None, inner_lr=0.3,
                       gradient_fn=plain_gradient_fn(model), model=model)
     for k in theta:
-        torch.testing.assert_close(upd.gradient[k], theta[k] - phi[k])
+        torch.testing.assert_close(upd.delta[k], theta[k] - phi[k])
         torch.testing.assert_close(model.state_dict()[k], before[k])  # nothing mutated the module
 
 
@@ -160,33 +161,33 @@ def test_local_meta_update_one_episode_is_the_classic_update_and_several_compose
     fn = plain_gradient_fn(model)
     s1, q1 = data(8, 1), data(8, 2)
     s2, q2 = data(8, 3), data(8, 4)
-    for algo in ("fomaml", "reptile"):
+    for algo in (Algorithm.FOMAML, Algorithm.REPTILE):
         classic = meta_update(theta, algorithm=algo, support=[s1, s1], query=q1, inner_lr=0.2,
                               gradient_fn=fn, model=model)
         one = local_meta_update(theta, algorithm=algo, episodes=[Episode([s1, s1], q1)], inner_lr=0.2,
                                 local_lr=1.0, gradient_fn=fn, model=model)
         for k in theta:
-            torch.testing.assert_close(one.gradient[k], classic.gradient[k])
+            torch.testing.assert_close(one.delta[k], classic.delta[k])
     # two FOMAML episodes = two local outer steps at beta on the local copy
     beta = 0.3
-    two = local_meta_update(theta, algorithm="fomaml", episodes=[Episode([s1], q1), Episode([s2], q2)],
+    two = local_meta_update(theta, algorithm=Algorithm.FOMAML, episodes=[Episode([s1], q1), Episode([s2], q2)],
                             inner_lr=0.2, local_lr=beta, gradient_fn=fn, model=model)
     local = dict(theta)
     for s, q in ((s1, q1), (s2, q2)):
-        g = meta_update(local, algorithm="fomaml", support=[s], query=q, inner_lr=0.2, gradient_fn=fn,
-                        model=model).gradient
+        g = meta_update(local, algorithm=Algorithm.FOMAML, support=[s], query=q, inner_lr=0.2, gradient_fn=fn,
+                        model=model).delta
         local = {k: local[k] - beta * g[k] for k in local}
     for k in theta:
-        torch.testing.assert_close(two.gradient[k], theta[k] - local[k])
+        torch.testing.assert_close(two.delta[k], theta[k] - local[k])
     # FedAvg: plain local SGD, one batch per episode
-    fed = local_meta_update(theta, algorithm="fedavg", episodes=[Episode([s1], None), Episode([s2], None)],
+    fed = local_meta_update(theta, algorithm=Algorithm.FEDAVG, episodes=[Episode([s1], None), Episode([s2], None)],
                             inner_lr=0.2, local_lr=beta, gradient_fn=fn, model=model)
     local = dict(theta)
     for s in (s1, s2):
         g, _ = mean_gradient(model, {k: v.detach().requires_grad_(True) for k, v in local.items()}, *s)
         local = {k: (local[k] - beta * g[k]).detach() for k in local}
     for k in theta:
-        torch.testing.assert_close(fed.gradient[k], theta[k] - local[k])
+        torch.testing.assert_close(fed.delta[k], theta[k] - local[k])
 
 
 def test_anil_inner_loop_adapts_the_head_alone_and_the_query_gradient_reaches_the_body() -> None:
@@ -214,9 +215,9 @@ def test_anil_inner_loop_adapts_the_head_alone_and_the_query_gradient_reaches_th
     for k in head:
         torch.testing.assert_close(phi[k], h[k])
     for first_order in (True, False):  # FOMAML and MAML: the meta-gradient covers every parameter
-        u = meta_update(theta, algorithm="fomaml" if first_order else "maml", support=[sup], query=qry,
+        u = meta_update(theta, algorithm=Algorithm.FOMAML if first_order else Algorithm.MAML, support=[sup], query=qry,
                         inner_lr=0.5, gradient_fn=fn, model=model, inner_names=head)
-        assert set(u.gradient) == set(theta) and all(float(v.abs().sum()) > 0 for v in u.gradient.values())
+        assert set(u.delta) == set(theta) and all(float(v.abs().sum()) > 0 for v in u.delta.values())
     # one call of the gradient oracle per inner step and per query, exactly as without ANIL (the charge)
     calls = []
 
@@ -224,7 +225,7 @@ def test_anil_inner_loop_adapts_the_head_alone_and_the_query_gradient_reaches_th
         calls.append(only)
         return fn(params, batch, create_graph, only)
 
-    local_meta_update(theta, algorithm="fomaml", episodes=[Episode([sup, sup], qry)] * 3, inner_lr=0.1,
+    local_meta_update(theta, algorithm=Algorithm.FOMAML, episodes=[Episode([sup, sup], qry)] * 3, inner_lr=0.1,
                       local_lr=0.5, gradient_fn=counting, model=model, inner_names=head)
     assert calls == [head, head, None] * 3
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.aggregate import InvalidUpdate, OuterOptimizer, validate_update, weighted_mean
-from common.config import Config
+from common.config import AdaptMethod, Config
 from common.adaptation import GridPoint, choose_adaptation
 from common.hospital import (
     AdaptationScores, RoundOutcome, Site, adapt_and_score, adaptation_grid_scores, new_model, train_round,
@@ -79,7 +79,7 @@ def meta_train(
                 continue
             if on_release is not None:
                 on_release(rnd, i, out)
-            arrays = {k: v.numpy().astype(np.float32) for k, v in out.update.gradient.items()}
+            arrays = {k: v.numpy().astype(np.float32) for k, v in out.update.delta.items()}
             try:  # the strategy's own check: shapes, finite values, `max-update-norm`
                 validate_update(arrays, shapes, max_norm=cfg.max_update_norm)
             except InvalidUpdate:
@@ -120,5 +120,5 @@ def evaluate_held_out(cfg: Config, held: list[Site], theta: Params) -> tuple[Gri
     if choice is not None:
         method, lr, steps = choice
         run_cfg = (dataclasses.replace(cfg, adapt_steps=0) if method == "none" else
-                   dataclasses.replace(cfg, adapt_method=method, adapt_lr=lr, adapt_steps=steps))
+                   dataclasses.replace(cfg, adapt_method=AdaptMethod(method), adapt_lr=lr, adapt_steps=steps))
     return choice, [adapt_and_score(run_cfg, s, theta) for s in (test or held)]

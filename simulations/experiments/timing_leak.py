@@ -29,7 +29,7 @@ from client.ledger import main as ledger_cli
 from common import protocol as P
 from common.config import load_config
 from common.data import load_medmnist
-from common.hospital import Site, new_model
+from common.hospital import Site, new_model, site_sample_rate
 from common.model import get_params
 from common.reply_timing import padded_batch, reference_step_seconds
 from server.run_config import app_config
@@ -79,7 +79,7 @@ def measure(data_dir: str, repeats: int) -> dict:
         out.setdefault("ratio_largest_over_smallest", {})[deadline] = by_n[str(REAL[-1])] / by_n[str(REAL[0])]
     out["deadline_cost_at_true_count"] = out["seconds"]["auto"][str(PUBLIC)] / out["seconds"]["off"][str(PUBLIC)]
     # the alternative, a fixed-size batch schedule: every step computed at the padded batch size
-    q = cfg.batch_size / PUBLIC
+    q = site_sample_rate(cfg, PUBLIC)
     padded = padded_batch(sample_rate=q, public_num_records=PUBLIC)
     kw = dict(in_channels=1, num_classes=2, image_size=28, public_num_records=PUBLIC, sample_rate=q,
               max_grad_norm=cfg.max_grad_norm, activation=cfg.activation)

@@ -1,14 +1,14 @@
 """Empirical privacy audit in one training run (Steinke, Nasr & Jagielski 2023), on the real mechanism.
 
-    python -m simulations.experiments.audit [--run-config "key=value ..."] [--quick] [--out DIR]
+    python -m simulations.experiments.privacy_audit [--run-config "key=value ..."] [--quick] [--out DIR]
         [--canaries M] [--guess-fraction F] [--canary-hospital ID] [--canary-norm X] [--audit-seed S]
         [--confidence C]
 
 Threat model: the server, which sees every update a hospital releases (θ − θ_local of every round
 it joins). One training hospital (the *canary hospital*, default: the smallest, whose records are
 sampled most often) holds m gradient-space canaries, each included independently with probability
-1/2 (`common.audit`). Training is the run's own: hospitals sampled per round as the strategy samples
-them, `common.hospital.train_round` with the product's clipping, unseeded noise and accounting,
+1/2 (`common.canary_audit`). Training is the run's own: hospitals sampled per round as the strategy
+samples them, `common.hospital.train_round` with the product's clipping, unseeded noise and accounting,
 updates validated and aggregated by `simulations.experiments.local_loop.meta_train` itself (the
 audit observes every released update through its `on_release` hook); only rounds after the canary
 hospital's last round are skipped (they release nothing of it).
@@ -55,7 +55,7 @@ THREAT_MODEL = (
 def _canary_setup(cfg, canary_hospital: int | None, num_canaries: int,
                   guess_fraction: float) -> tuple[list, int, int]:
     """(training sites, the canary hospital: given or the smallest, the number of guesses), checked."""
-    from common.audit import AuditError
+    from common.canary_audit import AuditError
     from common.hospital import sites_for
 
     training, _ = sites_for(cfg)
@@ -76,13 +76,12 @@ def run_audit(cfg: Config, *, num_canaries: int, guess_fraction: float, canary_h
     """Train with canaries at one hospital, score and guess them, and return the audit record."""
     import torch
 
-    from common.audit import (
+    from common.canary_audit import (
         AuditError, canary_per_sample_fn, count_correct, draw_canaries, epsilon_lower_bound, flatten, guess,
         with_canaries,
     )
-    from common.hospital import new_model, noise_multiplier_for
+    from common.hospital import new_model, noise_multiplier_for, site_sample_rate
     from common.model import get_params
-    from common.privacy import sample_rate
     from simulations.experiments.local_loop import meta_train, participation
 
     if not cfg.first_order:
@@ -115,7 +114,7 @@ def run_audit(cfg: Config, *, num_canaries: int, guess_fraction: float, canary_h
     def observe(rnd: int, i: int, out) -> None:  # the server sees it whether or not it then passes validation
         nonlocal scores, released
         if i == pos:
-            scores += flatten(out.update.gradient).double()[coords]
+            scores += flatten(out.update.delta).double()[coords]
             released += 1
             print(f"[audit] round {rnd}/{joined[-1]}: update {released} of the canary hospital released", flush=True)
 
@@ -132,7 +131,7 @@ def run_audit(cfg: Config, *, num_canaries: int, guess_fraction: float, canary_h
     facts: dict[str, Any] = {}
     if cfg.dp:
         facts = {"noise_multiplier": noise_multiplier_for(cfg, n_total),
-                 "sample_rate": sample_rate(batch_size=cfg.batch_size, num_records=n_total),
+                 "sample_rate": site_sample_rate(cfg, n_total),
                  "dp_steps": cfg.gradient_steps_per_round * released}
     return {
         "dp": cfg.dp,
@@ -161,7 +160,7 @@ def run_audit(cfg: Config, *, num_canaries: int, guess_fraction: float, canary_h
         "rounds_declined_all_hospitals": declined,
         "num_server_rounds": cfg.num_server_rounds,
         **facts,
-        "algorithm": cfg.algorithm,
+        "algorithm": cfg.algorithm.value,
         "dataset": cfg.dataset,
         "audit_seed": audit_seed,
         "threat_model": THREAT_MODEL,
@@ -200,14 +199,14 @@ def run_adversarial_audit(cfg: Config, *, num_canaries: int, guess_fraction: flo
     import torch
     from torch.func import functional_call
 
-    from common.audit import (
+    from common.canary_audit import (
         CRAFTED_KINDS, AuditError, canary_per_sample_fn, count_correct, craft_theta, draw_canaries,
         epsilon_lower_bound, flatten, guess, with_canaries,
     )
-    from common.hospital import new_model, noise_multiplier_for, train_round
+    from common.hospital import new_model, noise_multiplier_for, site_sample_rate, train_round
     from common.model import get_params
     from common.policy import Refusal, check_train, check_weights, parse_node_config
-    from common.privacy import PrivacyLedger, sample_rate
+    from common.privacy import PrivacyLedger
 
     if not cfg.dp:
         raise AuditError("the adversarial audit checks the DP mechanism against a malicious server; run it with dp=true")
@@ -292,7 +291,7 @@ def run_adversarial_audit(cfg: Config, *, num_canaries: int, guess_fraction: flo
             declined += 1
             rounds.append(entry | {"declined": out.declined})
             continue
-        g = flatten(out.update.gradient).double()
+        g = flatten(out.update.delta).double()
         ok = bool(torch.isfinite(g).all()) and math.isfinite(float(out.update.loss))
         if not ok:
             nonfinite_releases += 1
@@ -341,11 +340,11 @@ def run_adversarial_audit(cfg: Config, *, num_canaries: int, guess_fraction: flo
                                "num-server-rounds": adv.num_server_rounds,
                                "weight-limit": policy.weight_limit},
         "noise_multiplier": noise_multiplier_for(adv, full.num_records),
-        "sample_rate": sample_rate(batch_size=adv.batch_size, num_records=full.num_records),
+        "sample_rate": site_sample_rate(adv, full.num_records),
         "canary_hospital": canary_hospital,
         "canary_hospital_records": real_records,
         "records_with_canaries": full.num_records,
-        "algorithm": adv.algorithm,
+        "algorithm": adv.algorithm.value,
         "dataset": adv.dataset,
         "audit_seed": audit_seed,
         "threat_model": ADVERSARIAL_THREAT_MODEL,
@@ -386,7 +385,8 @@ def plot_scores(record: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m simulations.experiments.audit", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m simulations.experiments.privacy_audit",
+                                 description=__doc__.split("\n\n")[0])
     ap.add_argument("--run-config", action="append", default=None, help='"key=value ..." as for flwr run')
     ap.add_argument("--quick", action="store_true", help="CI-sized run (overridden by --run-config)")
     ap.add_argument("--out", type=Path, default=Path("audit-out"), help="output folder (default ./audit-out)")
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from common.audit import AuditError
+    from common.canary_audit import AuditError
     from common.data import DataError
     from common.privacy import PrivacyError
 
@@ -440,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     except (AuditError, DataError, PrivacyError) as err:
         print(f"audit: {err}", file=sys.stderr)
         return 2
-    record["command"] = "python -m simulations.experiments.audit " + shlex.join(sys.argv[1:] if argv is None else argv)
+    record["command"] = ("python -m simulations.experiments.privacy_audit "
+                         + shlex.join(sys.argv[1:] if argv is None else argv))
     record["run_config"] = cfg.to_run_config()
     args.out.mkdir(parents=True, exist_ok=True)
     plot_scores(record, args.out / "scores.png")
