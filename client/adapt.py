@@ -7,8 +7,8 @@ MODEL is a model file (`model.safetensors`); SUPPORT the site's labelled support
 written by `python -m client.import_images`, or an image folder with one subfolder per class (named
 by the label names or indices of the model's dataset), imported on the fly. The weights are adapted
 exactly as the federation's held-out hospitals adapt them (`common.adaptation.adapt_params`, the
-`finetune` call of `common.hospital.adapt_and_score`) with the card's chosen adaptation unless
-overridden; the threshold is chosen on the support set alone (`common.operating_point`:
+`finetune` call of `common.held_out.adapt_and_score`) with the card's chosen adaptation unless
+overridden; the threshold is chosen on the support set alone (`common.threshold`:
 cross-validated Youden's J, or the Bayes threshold for a stated `--prevalence`). ADAPTED is a new
 model file whose card records the threshold and a "site adaptation" history step (method, lr,
 steps, support counts per class, the support set's SHA-256, the threshold record, time).
@@ -39,7 +39,7 @@ class SiteAdaptation:
 
     params: dict
     card: dict[str, Any]
-    threshold: Any  # common.operating_point.OperatingPoint
+    threshold: Any  # common.threshold.OperatingPoint
     method: str
     lr: float
     steps: int
@@ -108,10 +108,10 @@ def adapt_model_file(
 
     from common.adaptation import adapt_params  # noqa: PLC0415
     from common.config import ADAPT_METHODS  # noqa: PLC0415
-    from common.data import MedMNISTData  # noqa: PLC0415
-    from common.images import load_image_set  # noqa: PLC0415
+    from common.image_sets import load_image_set  # noqa: PLC0415
+    from common.medmnist import MedMNISTData  # noqa: PLC0415
     from common.model_file import append_history, load_model_file  # noqa: PLC0415
-    from common.operating_point import OperatingPointError, choose_threshold  # noqa: PLC0415
+    from common.threshold import OperatingPointError, choose_threshold  # noqa: PLC0415
 
     mf = load_model_file(model_path)
     info = mf.info
@@ -171,9 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     args = parser.parse_args(argv)
 
-    from common.data import DataError  # noqa: PLC0415 - keep --help fast
+    from common.medmnist import DataError  # noqa: PLC0415 - keep --help fast
     from common.model_file import ModelFileError, save_model_file  # noqa: PLC0415
-    from common.operating_point import OperatingPointError  # noqa: PLC0415
+    from common.threshold import OperatingPointError  # noqa: PLC0415
 
     out = Path(args.out).expanduser()
     try:

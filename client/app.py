@@ -1,4 +1,4 @@
-"""Hospital ClientApp: a thin Flower adapter around `common.hospital`.
+"""Hospital ClientApp: a thin Flower adapter around `common.local_round` and `common.held_out`.
 
 Every message first passes the hospital's own policy (`common.policy`, from its node config):
 its role, its `max-epsilon` / `max-delta`, DP required. What the server's run config asks can
@@ -34,12 +34,15 @@ from flwr.clientapp import ClientApp
 from client.audit_log import audit_mod
 from client.guard import guard_mod
 from common import protocol as P
-from common.config import ADAPT_METHODS, AdaptMethod, Config, load_config
-from common.hospital import (
-    Site, adapt_and_score, adaptation_grid_scores, check_privacy_budget, load_site, load_site_from_folder,
-    noise_multiplier_for, param_shapes, site_sample_rate, train_round,
-)
-from common.data import dataset_info
+from common.adaptation import config_for_adaptation
+from common.config import Config, load_config
+from common.deployed_sites import load_site_from_folder
+from common.held_out import adapt_and_score, adaptation_grid_scores
+from common.local_round import train_round
+from common.medmnist import dataset_info
+from common.run_model import param_shapes
+from common.site_privacy import check_privacy_budget, noise_multiplier_for, site_sample_rate
+from common.sites import Site, load_site
 from common.journal import LedgerJournal, history_of
 from common.evaluation_count import EvaluationLimit, reserve_evaluation
 from common.policy import (
@@ -281,20 +284,14 @@ def evaluate(msg: Message, context: Context) -> Message:
 EVAL_STATE = "evaluations-answered"  # context.state: evaluations this node answered in this run
 
 
-MAX_ADAPT_STEPS = 1000
-
-
 def _evaluation_request(cfg: Config, config) -> tuple[Config, bool]:
     """What the server asks of an evaluation: the grid (validation) or an adaptation it chose (test).
 
-    The choice is checked like a run-config value; anything else keeps the run config's adaptation.
+    The choice is checked like a run-config value (`common.adaptation.config_for_adaptation`); anything
+    else keeps the run config's adaptation.
     """
     grid = bool(int(config.get(P.ADAPT_GRID, 0)))
     if P.ADAPT_METHOD not in config:
         return cfg, grid
     method, lr, steps = str(config[P.ADAPT_METHOD]), float(config[P.ADAPT_LR]), int(config[P.ADAPT_STEPS])
-    if method == "none":  # theta as is
-        method, lr, steps = cfg.adapt_method.value, cfg.adapt_lr, 0
-    if method not in ADAPT_METHODS or not (lr > 0 and math.isfinite(lr)) or not 0 <= steps <= MAX_ADAPT_STEPS:
-        raise ValueError(f"the server asked for an invalid adaptation ({method!r}, lr={lr}, steps={steps})")
-    return dataclasses.replace(cfg, adapt_method=AdaptMethod(method), adapt_lr=lr, adapt_steps=steps), grid
+    return config_for_adaptation(cfg, method, lr, steps), grid

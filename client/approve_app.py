@@ -41,7 +41,6 @@ import os
 import sys
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,31 +48,19 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from app_tools.bundle import (
+    APPROVAL_SUFFIX,
+    AppApprovalError,
+    build_fab,
+    fab_filename,
+    fab_info,
+    flower_verifications,
+    read_approval,
+)
+
 PRIVATE_KEY, PUBLIC_KEY, TRUSTED_ENTITIES = "approval.key", "approval.pub", "trusted-entities.yaml"
-APPROVAL_SUFFIX = ".approval.json"
 # Flower's documented form of a public key id is `fpk_<UUID>`; ours is derived from the key itself.
 _KEY_ID_NAMESPACE = uuid.UUID("0b3d5f2e-6a43-5c1e-9f7a-2d1c8e4b6a90")
-# The fields of a verification record that Flower reads (Flower Hub's `verifications` items).
-FLOWER_FIELDS = ("public_key_id", "signature", "signed_at")
-
-
-class AppApprovalError(ValueError):
-    """A key, trust file, FAB or approval is unusable; the message says which and what to do."""
-
-
-@dataclass(frozen=True)
-class FabInfo:
-    """What a FAB is: `@publisher/name`, version, SHA-256 and its files."""
-
-    app_id: str
-    version: str
-    sha256: str
-    files: tuple[str, ...]
-
-    @property
-    def spec(self) -> str:
-        """The app spec `flwr run` takes: `@publisher/name==version`."""
-        return f"{self.app_id}=={self.version}"
 
 
 # -- keys and the trust file -----------------------------------------------------------------------
@@ -170,37 +157,6 @@ def create_approval_key(folder: str | Path, *, name: str = "hospital") -> tuple[
     return priv_path, key_id
 
 
-# -- bundles ---------------------------------------------------------------------------------------
-def fab_info(fab: bytes) -> FabInfo:
-    """Id, version, hash and file list of FAB bytes; raises if they are not a FAB."""
-    import io  # noqa: PLC0415
-    import zipfile  # noqa: PLC0415
-
-    from flwr.cli.config_utils import get_fab_metadata  # noqa: PLC0415
-
-    try:
-        fab_id, version = get_fab_metadata(fab)
-        files = tuple(zipfile.ZipFile(io.BytesIO(fab)).namelist())
-    except Exception as exc:  # Flower raises several kinds for a broken bundle
-        raise AppApprovalError(f"not a Flower app bundle (FAB): {exc}") from exc
-    return FabInfo(app_id=f"@{fab_id}", version=version, sha256=hashlib.sha256(fab).hexdigest(), files=files)
-
-
-def build_fab(app_dir: str | Path) -> bytes:
-    """The FAB `flwr build` / `flwr run` make from a source tree (Flower's build is reproducible)."""
-    from flwr.cli.build import build_fab_from_disk  # noqa: PLC0415
-
-    return build_fab_from_disk(Path(app_dir).expanduser().resolve())
-
-
-def fab_filename(fab: bytes) -> str:
-    """`<publisher>.<name>.<version>.<hash8>.fab`, the name `flwr build` gives it."""
-    from flwr.cli.build import get_fab_filename  # noqa: PLC0415
-    from flwr.common.config import get_fab_config  # noqa: PLC0415
-
-    return get_fab_filename(get_fab_config(fab), hashlib.sha256(fab).hexdigest())
-
-
 # -- approvals -------------------------------------------------------------------------------------
 def sign_fab(fab: bytes, private_key: ed25519.Ed25519PrivateKey, *, signer: str = "",
              signed_at: int | None = None) -> dict[str, Any]:
@@ -222,23 +178,6 @@ def sign_fab(fab: bytes, private_key: ed25519.Ed25519PrivateKey, *, signer: str 
         # for people and for the operator's hub; Flower does not read these
         "fab_sha256": info.sha256, "app": info.spec, "signer": signer,
     }
-
-
-def read_approval(path: str | Path) -> dict[str, Any]:
-    path = Path(path).expanduser()
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise AppApprovalError(f"cannot read approval {path}: {exc}") from exc
-    missing = [f for f in (*FLOWER_FIELDS, "fab_sha256") if not isinstance(record, dict) or f not in record]
-    if missing:
-        raise AppApprovalError(f"{path} is not an approval record (missing {', '.join(missing)})")
-    return record
-
-
-def flower_verifications(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Only the fields Flower reads, in Flower Hub's `verifications` form."""
-    return [{f: r[f] for f in FLOWER_FIELDS} for r in records]
 
 
 def supernode_accepts(fab: bytes, records: Iterable[Mapping[str, Any]], trusted: Mapping[str, str]) -> bool:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-APP_DIR = Path(__file__).resolve().parent.parent
+from app_tools.run_config import APP_DIR, ConfigProblem, resolve_run_config, validate_run_config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,27 +26,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--app-dir", default=str(APP_DIR), help="Flower app directory (default: %(default)s)")
     args = parser.parse_args(argv)
 
-    import click  # noqa: PLC0415 - flwr dependencies; imported late to keep --help fast
-    from flwr.common.config import get_fused_config_from_dir, parse_config_args  # noqa: PLC0415
-
-    from common.config import ConfigError, load_config  # noqa: PLC0415
-    from common.data import DataError  # noqa: PLC0415
-    from common.hospital import check_privacy_budget, load_site_from_folder, noise_multiplier_for  # noqa: PLC0415
+    from common.deployed_sites import load_site_from_folder  # noqa: PLC0415
+    from common.medmnist import DataError  # noqa: PLC0415
+    from common.site_privacy import check_privacy_budget, noise_multiplier_for  # noqa: PLC0415
     from common.privacy import PrivacyError  # noqa: PLC0415
 
     try:
-        try:
-            fused = get_fused_config_from_dir(Path(args.app_dir), parse_config_args(args.run_config))
-        except ValueError as err:  # an override key that is not in [tool.flwr.app.config]
-            raise ConfigError(f"run config: {err} (keys must exist in [tool.flwr.app.config])") from None
-        cfg = load_config(fused)
+        fused, _ = resolve_run_config(args.app_dir, args.run_config)
+        cfg = validate_run_config(fused)
         site = load_site_from_folder(cfg, args.folder, hospital_id=args.hospital_id)
         training = site.hospital_id not in cfg.held_out_ids
         if cfg.dp and training:
             check_privacy_budget(cfg, site.num_records)
-    except (ConfigError, DataError, PrivacyError, OSError, ValueError, click.ClickException) as err:
-        message = err.message if isinstance(err, click.ClickException) else str(err)
-        print(f"error: {message}", file=sys.stderr)
+    except (ConfigProblem, DataError, PrivacyError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     role = "training" if training else "held out: evaluates only"
     noise = f"; noise multiplier {noise_multiplier_for(cfg, site.num_records):.3f}" if cfg.dp and training else ""

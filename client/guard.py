@@ -16,7 +16,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from common import protocol as P
 from common.config import ConfigError
-from common.data import DataError
+from common.medmnist import DataError
 from common.journal import LedgerCorrupt, LedgerMarkMissing, LedgerMissing, LedgerRolledBack
 from common.policy import NodeConfigError, Refusal
 from common.privacy import PrivacyError

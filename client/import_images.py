@@ -4,7 +4,7 @@
 
 SRC is a folder with one subfolder per class (named as medmnist spells the task's labels, or
 "0", "1", ...) or a CSV manifest with a header `path,label[,patient_id]` (paths relative to the
-CSV's folder). Images are converted as MedMNIST made its images (`common.images.conversion_for`).
+CSV's folder). Images are converted as MedMNIST made its images (`common.image_conversion.conversion_for`).
 OUT (new or empty, outside SRC) gets the official-format .npz and manifest.json. Any bad file
 (unreadable, not an image, unknown label, duplicate, symlink out of SRC, ...) is listed in one
 report on stderr with exit code 2 and nothing is written; with --skip-bad the good files are
@@ -32,8 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="import the good files and list the bad ones in OUT/import_report.json")
     args = parser.parse_args(argv)
 
-    from common.data import DataError, dataset_info  # noqa: PLC0415 - keep --help fast
-    from common.images import IMPORT_REPORT, import_images  # noqa: PLC0415
+    from common.medmnist import DataError, dataset_info  # noqa: PLC0415 - keep --help fast
+    from common.image_import import IMPORT_REPORT, import_images  # noqa: PLC0415
 
     try:
         info = dataset_info(args.dataset, args.size)

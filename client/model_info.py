@@ -28,13 +28,22 @@ def _hospital_list(ids: Sequence[int]) -> str:
 
 def render(card: dict[str, Any], *, path: str) -> str:
     """The card as text, in the order a reader needs it."""
-    ds, arch, inp, priv, run = card["dataset"], card["architecture"], card["input"], card["privacy"], card["training"]
-    weights, code = card["weights"], card.get("code") or {}
     lines = [f"Model file {path}", f"  {card['format']}, format version {card['format_version']}, "
                                   f"created {card.get('created', 'n/a')}", ""]
+    lines += _what_it_diagnoses(card)
+    lines += _input_it_expects(card)
+    lines += _how_it_was_trained(card)
+    lines += _privacy(card["privacy"])
+    lines += _for_a_new_site(card)
+    lines += _history(card)
+    lines += _weights_and_code(card)
+    return "\n".join(lines)
 
-    lines += ["WHAT IT DIAGNOSES",
-              f"  Dataset {ds['flag']} (MedMNIST), task {ds['task']}, {len(ds['labels'])} labels:"]
+
+def _what_it_diagnoses(card: dict[str, Any]) -> list[str]:
+    ds = card["dataset"]
+    lines = ["WHAT IT DIAGNOSES",
+             f"  Dataset {ds['flag']} (MedMNIST), task {ds['task']}, {len(ds['labels'])} labels:"]
     lines += [f"    {k}: {name}" for k, name in sorted(ds["labels"].items(), key=lambda kv: int(kv[0]))]
     ev = card.get("evaluation")
     if ev:
@@ -44,23 +53,32 @@ def render(card: dict[str, Any], *, path: str) -> str:
                      f"{_num(ev.get('shots_per_class'))} records per class: accuracy {acc}, AUC {auc} "
                      f"(before adaptation {acc0} / {auc0})")
     lines.append("")
+    return lines
 
+
+def _input_it_expects(card: dict[str, Any]) -> list[str]:
+    arch, inp = card["architecture"], card["input"]
     c, h, w = inp["shape"]
-    lines += ["INPUT IT EXPECTS",
-              f"  {c}x{h}x{w} {inp['channel_order']} image, {inp['layout']} {inp['dtype']}: {inp['pixels']}, scaled "
-              f"as {inp['formula']} (range [{inp['range'][0]:g}, {inp['range'][1]:g}]; mean {inp['mean']:g}, "
-              f"std {inp['std']:g})",
-              f"  Model: {arch['class']}(in_channels={arch['in_channels']}, num_classes={arch['num_classes']}, "
-              f"width={arch['width']}, groups={arch['groups']}, activation={arch['activation']}); "
-              f"output: {card['output']['probabilities']}", ""]
+    return ["INPUT IT EXPECTS",
+            f"  {c}x{h}x{w} {inp['channel_order']} image, {inp['layout']} {inp['dtype']}: {inp['pixels']}, scaled "
+            f"as {inp['formula']} (range [{inp['range'][0]:g}, {inp['range'][1]:g}]; mean {inp['mean']:g}, "
+            f"std {inp['std']:g})",
+            f"  Model: {arch['class']}(in_channels={arch['in_channels']}, num_classes={arch['num_classes']}, "
+            f"width={arch['width']}, groups={arch['groups']}, activation={arch['activation']}); "
+            f"output: {card['output']['probabilities']}", ""]
 
-    lines += ["HOW IT WAS TRAINED",
-              f"  {run['algorithm']}, {run['rounds_completed']} of {run['num_server_rounds']} rounds, "
-              f"seed {run['seed']}",
-              f"  training hospitals: {_hospital_list(run['training_hospitals'])}; "
-              f"held out (never trained on): {_hospital_list(run['held_out_hospitals'])}", ""]
 
-    lines.append("PRIVACY")
+def _how_it_was_trained(card: dict[str, Any]) -> list[str]:
+    run = card["training"]
+    return ["HOW IT WAS TRAINED",
+            f"  {run['algorithm']}, {run['rounds_completed']} of {run['num_server_rounds']} rounds, "
+            f"seed {run['seed']}",
+            f"  training hospitals: {_hospital_list(run['training_hospitals'])}; "
+            f"held out (never trained on): {_hospital_list(run['held_out_hospitals'])}", ""]
+
+
+def _privacy(priv: dict[str, Any]) -> list[str]:
+    lines = ["PRIVACY"]
     if not priv["dp"]:
         lines += ["  !!! NO DIFFERENTIAL PRIVACY (dp=false) !!!",
                   "  This model was trained WITHOUT differential privacy: there is NO bound on what it reveals about",
@@ -82,17 +100,20 @@ def render(card: dict[str, Any], *, path: str) -> str:
         lines.append(f"  max ε = {_num(priv['max_epsilon'], '.3f')} at δ = {_num(priv['target_delta'], 'g')} "
                      "(each hospital's running total over every round it joined)")
     lines.append("")
+    return lines
 
+
+def _for_a_new_site(card: dict[str, Any]) -> list[str]:
     ad, rule, site = card["adaptation"], card.get("decision_rule") or {}, card.get("threshold")
     where = ad.get("chosen_on", "n/a")
     if ad.get("validation_hospitals"):
         where += f" {_hospital_list(ad['validation_hospitals'])}"
-    lines += ["FOR A NEW SITE",
-              f"  Adapt with {ad['method']}, lr {_num(ad['lr'], 'g')}, {ad['steps']} steps on "
-              f"{_num(ad.get('shots_per_class'))} labelled records per class (chosen on: {where})"
-              + (" -- 0 steps: use the weights as they are" if ad["steps"] == 0 else ""),
-              f"  Decision rule: {rule.get('rule', 'argmax of softmax')}"
-              + (f"; {rule['decision']}" if rule.get("decision") else "")]
+    lines = ["FOR A NEW SITE",
+             f"  Adapt with {ad['method']}, lr {_num(ad['lr'], 'g')}, {ad['steps']} steps on "
+             f"{_num(ad.get('shots_per_class'))} labelled records per class (chosen on: {where})"
+             + (" -- 0 steps: use the weights as they are" if ad["steps"] == 0 else ""),
+             f"  Decision rule: {rule.get('rule', 'argmax of softmax')}"
+             + (f"; {rule['decision']}" if rule.get("decision") else "")]
     if site:
         extra = f", threshold {_num(site.get('threshold'), '.4g')}" if site.get("threshold") is not None else ""
         lines.append(f"  Site threshold recorded: rule {site.get('rule', 'n/a')}{extra}"
@@ -100,20 +121,27 @@ def render(card: dict[str, Any], *, path: str) -> str:
     else:
         lines.append("  No site threshold recorded yet (a site records its own when it adapts the model).")
     lines.append("")
+    return lines
 
-    lines.append("HISTORY")
+
+def _history(card: dict[str, Any]) -> list[str]:
+    lines = ["HISTORY"]
     for i, step in enumerate(card.get("history", []), 1):
         details = ", ".join(f"{k} {v}" for k, v in step.items() if k not in ("step", "time", "weights_sha256"))
         sha = step.get("weights_sha256")
         lines.append(f"  {i}. {step.get('time', 'n/a')} {step.get('step', '?')}" + (f": {details}" if details else "")
                      + (f" -> weights {sha[:16]}..." if sha else ""))
-    lines += ["",
-              f"WEIGHTS  SHA-256 {weights['sha256']} (verified), {weights['parameters']:,} parameters "
-              f"in {weights['tensors']} tensors",
-              f"CODE     {code.get('package', 'n/a')} {code.get('version') or 'version unknown'}, git "
-              + (f"{code['git_commit']}{' (uncommitted changes)' if code.get('git_dirty') else ''}"
-                 if code.get("git_commit") else "commit unknown")]
-    return "\n".join(lines)
+    return lines
+
+
+def _weights_and_code(card: dict[str, Any]) -> list[str]:
+    weights, code = card["weights"], card.get("code") or {}
+    return ["",
+            f"WEIGHTS  SHA-256 {weights['sha256']} (verified), {weights['parameters']:,} parameters "
+            f"in {weights['tensors']} tensors",
+            f"CODE     {code.get('package', 'n/a')} {code.get('version') or 'version unknown'}, git "
+            + (f"{code['git_commit']}{' (uncommitted changes)' if code.get('git_dirty') else ''}"
+               if code.get("git_commit") else "commit unknown")]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

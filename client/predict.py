@@ -35,10 +35,11 @@ def predict_folder(model_path: str | Path, images_path: str | Path) -> dict[str,
     """Probabilities and decisions for every image of a folder, and metrics when labels are known."""
     import numpy as np  # noqa: PLC0415
 
-    from common.data import MedMNISTData  # noqa: PLC0415
-    from common.images import load_image_set  # noqa: PLC0415
+    from common.clinical_metrics import clinical_metrics, predict_probabilities  # noqa: PLC0415
+    from common.image_sets import load_image_set  # noqa: PLC0415
+    from common.medmnist import MedMNISTData  # noqa: PLC0415
     from common.model_file import load_model_file  # noqa: PLC0415
-    from common.operating_point import OperatingPoint, clinical_metrics, predict_probabilities  # noqa: PLC0415
+    from common.threshold import OperatingPoint  # noqa: PLC0415
 
     mf = load_model_file(model_path)
     info = mf.info
@@ -98,9 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                      "(default: <out stem>.png)")
     args = parser.parse_args(argv)
 
-    from common.data import DataError  # noqa: PLC0415 - keep --help fast
+    from common.medmnist import DataError  # noqa: PLC0415 - keep --help fast
     from common.model_file import ModelFileError  # noqa: PLC0415
-    from common.operating_point import OperatingPointError, plot_roc_reliability  # noqa: PLC0415
+    from common.roc_reliability_plot import plot_roc_reliability  # noqa: PLC0415
+    from common.threshold import OperatingPointError  # noqa: PLC0415
 
     out = Path(args.out).expanduser()
     try:

@@ -4,7 +4,7 @@
 
 The run config is resolved exactly as `python -m simulations.run` and `flwr run` resolve it
 (`[tool.flwr.app.config]` plus the overrides), and the partitioning is the simulation's
-(`common.hospital`): hospital i's folder holds exactly the records simulated hospital i trains on.
+(`common.sites`): hospital i's folder holds exactly the records simulated hospital i trains on.
 Pass the same `--run-config` to `flwr run` later (at least `dataset`, `image-size`, `num-hospitals`,
 `num-held-out`, `dirichlet-alpha`, `size-alpha`, `seed`).
 
@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from server.run_config import APP_DIR, ConfigProblem, resolve_run_config, validate_run_config
+from app_tools.run_config import APP_DIR, ConfigProblem, resolve_run_config, validate_run_config
 
 EXIT_ERROR = 2
 
@@ -40,8 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="write PNG class folders (an image export to import) instead of data folders")
     args = parser.parse_args(argv)
 
-    from common.data import DataError  # noqa: PLC0415 - keep --help fast
-    from common.hospital import prepare_hospital_folders  # noqa: PLC0415
+    from common.deployed_sites import prepare_hospital_folders  # noqa: PLC0415
+    from common.medmnist import DataError  # noqa: PLC0415 - keep --help fast
     from common.privacy import PrivacyError  # noqa: PLC0415
 
     try:
@@ -71,9 +71,9 @@ def _as_images(cfg, out: Path) -> int:
     import shutil  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
 
-    from common.data import load_hospital_folder  # noqa: PLC0415
-    from common.hospital import prepare_hospital_folders  # noqa: PLC0415
-    from common.images import export_png_folders  # noqa: PLC0415
+    from common.deployed_sites import prepare_hospital_folders  # noqa: PLC0415
+    from common.hospital_folders import load_hospital_folder  # noqa: PLC0415
+    from common.image_export import export_png_folders  # noqa: PLC0415
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         print(f"error: output folder {out} exists and is not empty; choose a new folder", file=sys.stderr)

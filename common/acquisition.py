@@ -1,7 +1,7 @@
 """Acquisition profiles: every simulated hospital images its patients with its own scanner.
 
 A profile is one MedMNIST-C corruption at one severity (1..5), applied to the hospital's uint8
-images when the hospitals are carved (`common.hospital.load_site`), so training, held-out
+images when the hospitals are carved (`common.sites.load_site`), so training, held-out
 evaluation and the exported hospital folders all see the same shifted images.
 
 Corruption lists and the five severity parameters per dataset are those of MedMNIST-C:

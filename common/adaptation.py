@@ -19,6 +19,8 @@ hospitals (`choose_adaptation`) and a new hospital uses that choice.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.config import ADAPT_METHODS, AdaptMethod
+from common.config import ADAPT_METHODS, AdaptMethod, Config
 from common.maml import Params, Scores, evaluate, forward, mean_gradient, per_sample_gradients
 from common.model import norm_names
 from common.privacy import clip_and_sum
@@ -114,11 +116,32 @@ def adapt_params(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Ten
     """`finetune`, or a copy of `params` for the grid's "theta as is" point (`AS_IS`, or zero steps).
 
     What a site does with a chosen adaptation (`python -m client.adapt`, and every fold of the
-    threshold's cross-validation in `common.operating_point`).
+    threshold's cross-validation in `common.threshold`).
     """
     if method == AS_IS[0] or steps == 0:
         return {k: v.detach().clone() for k, v in params.items()}
     return finetune(model, params, x, y, method=method, steps=steps, lr=lr, max_grad_norm=max_grad_norm)
+
+
+def score_trajectory(
+    model: nn.Module,
+    params: Params,
+    support: tuple[torch.Tensor, torch.Tensor],
+    query: tuple[torch.Tensor, torch.Tensor],
+    *,
+    method: AdaptMethod | str,
+    lr: float,
+    checkpoints: Sequence[int],
+    num_classes: int,
+    max_grad_norm: float = 1.0,
+) -> dict[int, Scores]:
+    """Fine-tune on `support` along one trajectory (`finetune_trajectory`); the query scores of the
+    weights after each step count in `checkpoints`."""
+    xs, ys = support
+    xq, yq = query
+    traj = finetune_trajectory(model, params, xs, ys, method=method, lr=lr, checkpoints=checkpoints,
+                               max_grad_norm=max_grad_norm)
+    return {st: evaluate(model, phi, xq, yq, num_classes=num_classes) for st, phi in traj.items()}
 
 
 def grid_points(grid_lrs: Mapping[str, Sequence[float]] = GRID_LRS,
@@ -141,7 +164,6 @@ def score_grid(
     grid_steps: Sequence[int] = GRID_STEPS,
 ) -> dict[GridPoint, Scores]:
     """Query scores of `params` adapted at every grid point (one trajectory per method and lr)."""
-    xs, ys = support
     xq, yq = query
     out: dict[GridPoint, Scores] = {}
     if 0 in grid_steps:
@@ -151,10 +173,10 @@ def score_grid(
         return out
     for method, lrs in grid_lrs.items():
         for lr in lrs:
-            traj = finetune_trajectory(model, params, xs, ys, method=method, lr=float(lr), checkpoints=moving,
-                                       max_grad_norm=max_grad_norm)
-            for st, phi in traj.items():
-                out[(method, float(lr), st)] = evaluate(model, phi, xq, yq, num_classes=num_classes)
+            curve = score_trajectory(model, params, support, query, method=method, lr=float(lr), checkpoints=moving,
+                                     num_classes=num_classes, max_grad_norm=max_grad_norm)
+            for st, scores in curve.items():
+                out[(method, float(lr), st)] = scores
     return out
 
 
@@ -173,3 +195,23 @@ def choose_adaptation(scores_by_hospital: Sequence[Mapping[GridPoint, float]]) -
     def rank(p: GridPoint) -> tuple[float, int, float]:
         return (float(np.mean([s[p] for s in usable])), -p[2], -p[1])
     return max(sorted(points), key=rank)
+
+
+MAX_ADAPT_STEPS = 1000  # the most fine-tuning steps a server may ask of a hospital
+
+
+def config_for_adaptation(cfg: Config, method: str, lr: float, steps: int) -> Config:
+    """`cfg` adapting the chosen way: `adapt-method` `method` at `adapt-lr` `lr` for `steps` steps.
+
+    ``none`` (theta as is, `AS_IS`) keeps the run's method and lr with 0 steps. Checked like a
+    run-config value, since in deployment the choice comes from the server: `ValueError` for an
+    unknown method, an lr that is not a finite number > 0, or steps outside 0..`MAX_ADAPT_STEPS`.
+    Used by the ClientApp (the server's choice in an evaluate message) and by the in-process loop
+    (`simulations.experiments.local_loop.evaluate_held_out`).
+    """
+    method, lr, steps = str(method), float(lr), int(steps)
+    if method == "none":
+        method, lr, steps = cfg.adapt_method.value, cfg.adapt_lr, 0
+    if method not in ADAPT_METHODS or not (lr > 0 and math.isfinite(lr)) or not 0 <= steps <= MAX_ADAPT_STEPS:
+        raise ValueError(f"the server asked for an invalid adaptation ({method!r}, lr={lr}, steps={steps})")
+    return dataclasses.replace(cfg, adapt_method=AdaptMethod(method), adapt_lr=lr, adapt_steps=steps)

@@ -3,11 +3,11 @@
 Every method in the experiments hands over an initialisation theta; the new hospital then runs
 the *same* protocol on the *same* K-shot support draws:
 
-- the K-shot draws are `common.hospital.kshot_draw` (draw d of a held-out site; draw 0 is the split
+- the K-shot draws are `common.held_out.kshot_draw` (draw d of a held-out site; draw 0 is the split
   the apps score), the rest of the site being the query (test) set. They depend only on (seed,
   hospital, K, draw), never on the method, so methods are compared paired.
 - `finetune_curve`: full-batch SGD at ``lr`` from theta (`common.adaptation.finetune_trajectory`,
-  which `common.hospital.adapt_and_score` uses), scored on the query set at several step counts
+  which `common.held_out.adapt_and_score` uses), scored on the query set at several step counts
   along one trajectory (0 = no adaptation); `finetune_curves` does it for several support draws
   and learning rates (what the experiments use to sweep the adaptation protocol).
 
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.adaptation import finetune_trajectory
+from common.adaptation import score_trajectory
 from common.maml import Params, Scores, evaluate, forward
 from common.model import build_model, get_params
 
@@ -48,15 +48,13 @@ def finetune_curve(
 ) -> dict[int, Scores]:
     """Full-batch SGD on the support set; query scores after each step count in `checkpoints`.
 
-    The update is `common.adaptation.finetune_trajectory` with method ``sgd``: ``phi <- phi - lr * grad(mean CE)``.
+    The update is `common.adaptation.score_trajectory` with method ``sgd``: ``phi <- phi - lr * grad(mean CE)``.
     """
     steps = sorted(set(int(c) for c in checkpoints))
     if not steps or steps[0] < 0:
         raise ValueError(f"checkpoints must be non-negative step counts, got {checkpoints}")
-    xs, ys = support
-    xq, yq = query
-    traj = finetune_trajectory(model, params, xs, ys, method="sgd", lr=lr, checkpoints=steps)
-    return {st: evaluate(model, phi, xq, yq, num_classes=num_classes) for st, phi in traj.items()}
+    return score_trajectory(model, params, support, query, method="sgd", lr=lr, checkpoints=steps,
+                            num_classes=num_classes)
 
 
 def finetune_curves(

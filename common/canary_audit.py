@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.hospital import Site
+from common.sites import Site
 from common.maml import Params, PerSampleFn, per_sample_gradients
 
 

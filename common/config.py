@@ -140,8 +140,8 @@ class Config:
 
     @property
     def held_out_ids(self) -> tuple[int, ...]:
-        """The hospitals held out of training (`common.data.held_out_hospitals`, fold `held-out-fold`)."""
-        from common.data import held_out_hospitals  # noqa: PLC0415 (config stays free of numpy at import)
+        """The hospitals held out of training (`common.partition.held_out_hospitals`, fold `held-out-fold`)."""
+        from common.partition import held_out_hospitals  # noqa: PLC0415 (config stays free of numpy at import)
 
         return held_out_hospitals(self.num_hospitals, self.num_held_out, self.seed, fold=self.held_out_fold)
 
@@ -192,14 +192,19 @@ def _get(rc: Mapping[str, Any], name: str) -> Any:
     return rc[key]
 
 
+def _invalid(name: str, shown: Any, requirement: str) -> ConfigError:
+    """The error for one bad value: the key, the value as `shown` and what is allowed."""
+    return ConfigError(f"run-config key '{_key(name)}' = {shown}: {requirement}")
+
+
 def _int(rc: Mapping[str, Any], name: str, *, lo: int, hi: int | None = None) -> int:
     value = _get(rc, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-        raise ConfigError(f"run-config key '{_key(name)}' = {value!r}: must be an integer")
+        raise _invalid(name, repr(value), "must be an integer")
     value = int(value)
     if value < lo or (hi is not None and value > hi):
         allowed = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise ConfigError(f"run-config key '{_key(name)}' = {value}: must be {allowed}")
+        raise _invalid(name, value, f"must be {allowed}")
     return value
 
 
@@ -208,7 +213,7 @@ def _float(
 ) -> float:
     value = _get(rc, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"run-config key '{_key(name)}' = {value!r}: must be a number")
+        raise _invalid(name, repr(value), "must be a number")
     value = float(value)
     too_low = value <= lo if lo_open else value < lo
     if not math.isfinite(value) or too_low or (hi is not None and value > hi):
@@ -216,7 +221,7 @@ def _float(
         allowed = bound if hi is None else f"{bound} and <= {hi}"
         if not math.isfinite(value):
             allowed += " (and finite)"
-        raise ConfigError(f"run-config key '{_key(name)}' = {value}: must be {allowed}")
+        raise _invalid(name, value, f"must be {allowed}")
     return value
 
 
@@ -226,7 +231,7 @@ def _bool(rc: Mapping[str, Any], name: str) -> bool:
         return value
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
-    raise ConfigError(f"run-config key '{_key(name)}' = {value!r}: must be true or false")
+    raise _invalid(name, repr(value), "must be true or false")
 
 
 E = TypeVar("E", bound=Enum)
@@ -236,23 +241,21 @@ def _choice(rc: Mapping[str, Any], name: str, choices: type[E]) -> E:
     value = _get(rc, name)
     allowed = tuple(m.value for m in choices)
     if not isinstance(value, str) or value.lower() not in allowed:
-        raise ConfigError(
-            f"run-config key '{_key(name)}' = {value!r}: must be one of {', '.join(allowed)}"
-        )
+        raise _invalid(name, repr(value), f"must be one of {', '.join(allowed)}")
     return choices(value.lower())
 
 
 def _str(rc: Mapping[str, Any], name: str) -> str:
     value = _get(rc, name)
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"run-config key '{_key(name)}' = {value!r}: must be a non-empty string")
+        raise _invalid(name, repr(value), "must be a non-empty string")
     return value
 
 
 def _optional_str(rc: Mapping[str, Any], name: str) -> str:
     value = _get(rc, name)
     if not isinstance(value, str):
-        raise ConfigError(f"run-config key '{_key(name)}' = {value!r}: must be a string (\"\" for the default)")
+        raise _invalid(name, repr(value), "must be a string (\"\" for the default)")
     return value.strip()
 
 
@@ -260,9 +263,16 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
     """Validate a Flower run config (kebab-case keys) into a `Config`.
 
     Raises `ConfigError` for the first problem found. Dataset-dependent checks (is the flag a
-    MedMNIST 2D set, is the file there) happen when the data is loaded, in `common.data`.
+    MedMNIST 2D set, is the file there) happen when the data is loaded, in `common.medmnist`.
     """
     rc = dict(run_config)
+    _refuse_unknown_keys(rc)
+    cfg = _read_values(rc)
+    _check_together(cfg)
+    return cfg
+
+
+def _refuse_unknown_keys(rc: Mapping[str, Any]) -> None:
     known = {_key(f.name) for f in dataclasses.fields(Config)}
     unknown = sorted(set(rc) - known)
     if unknown:
@@ -270,7 +280,11 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
             f"unknown run-config key(s) {', '.join(repr(k) for k in unknown)}; "
             f"known keys: {', '.join(sorted(known))}"
         )
-    cfg = Config(
+
+
+def _read_values(rc: Mapping[str, Any]) -> Config:
+    """Each key read and checked alone (type and range)."""
+    return Config(
         dataset=_str(rc, "dataset").lower(),
         data_dir=_str(rc, "data_dir"),
         image_size=_int(rc, "image_size", lo=28),
@@ -320,6 +334,10 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
         checkpoint_dir=_optional_str(rc, "checkpoint_dir"),
         resume=_bool(rc, "resume"),
     )
+
+
+def _check_together(cfg: Config) -> None:
+    """The checks that involve more than one key."""
     if cfg.image_size not in (28, 64, 128, 224):
         raise ConfigError(f"run-config key 'image-size' = {cfg.image_size}: must be one of 28, 64, 128, 224")
     if cfg.num_held_out >= cfg.num_hospitals:
@@ -350,4 +368,3 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
             "gradients does not bound each record's influence on the meta-gradient and no honest "
             "epsilon can be stated. Use algorithm='fomaml' or 'reptile' with DP, or dp=false for 'maml'."
         )
-    return cfg

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from common.config import Config
-from common.data import DataError, DatasetInfo, dataset_info
+from common.medmnist import DataError, DatasetInfo, dataset_info
 from common.files import atomic_write, json_safe
 from common.model import ACTIVATIONS, SmallCNN
 from common.privacy import ACCOUNTANT, RDP_ORDERS
@@ -103,7 +103,7 @@ class ModelFile:
 
     @property
     def info(self) -> DatasetInfo:
-        """The dataset's metadata (`common.data.dataset_info`), with the label names the card spells."""
+        """The dataset's metadata (`common.medmnist.dataset_info`), with the label names the card spells."""
         ds = self.card["dataset"]
         return dataclasses.replace(dataset_info(ds["flag"], ds["image_size"]), labels=dict(ds["labels"]))
 
@@ -125,7 +125,7 @@ class ModelFile:
 
     @property
     def threshold(self) -> dict[str, Any] | None:
-        """The site threshold an adapted model records (`common.operating_point.OperatingPoint.to_json`);
+        """The site threshold an adapted model records (`common.threshold.OperatingPoint.to_json`);
         None for the trained model, whose rule is the card's `decision_rule` (argmax of softmax, i.e.
         probability 0.5 for label 1 of a binary task)."""
         rule = self.card.get("threshold")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from common.algorithms import Algorithm
 from common.config import Config
 from common.privacy import epsilon_for
+from common.site_privacy import site_privacy
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,6 @@ class Plan:
 
 def plan_run(cfg: Config, hospital_sizes: Sequence[int], *, num_parameters: int) -> Plan:
     """The plan of `cfg` for training hospitals of `hospital_sizes` records (DP must be on)."""
-    from common.hospital import site_privacy  # noqa: PLC0415 (hospital imports the data stack)
-
     if not cfg.dp:
         raise ValueError("the privacy planner needs dp=true")
     if not hospital_sizes:

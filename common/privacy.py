@@ -3,7 +3,7 @@
 The mechanism (DP-SGD, Abadi et al. 2016) applied to every gradient a hospital computes from its
 records during a round:
 
-1. draw a fresh Poisson sample of the hospital's records at rate ``q`` (`common.data.poisson_sample`);
+1. draw a fresh Poisson sample of the hospital's records at rate ``q`` (`common.sampling.poisson_sample`);
 2. per-record gradients (`common.maml.per_sample_gradients`), each clipped to L2 norm ``C``;
 3. sum, add ``N(0, (sigma*C)^2)`` to every coordinate, divide by the expected batch size ``q*n``.
 

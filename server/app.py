@@ -23,8 +23,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import protocol as P
 from common.config import Config, load_config
-from common.data import dataset_info
-from common.hospital import validation_hospitals
+from common.held_out import validation_hospitals
+from common.medmnist import dataset_info
 from common.model import build_model, get_params
 from common.model_file import MODEL_FILE, save_model_file, training_card
 from server.checkpoint import (
@@ -222,33 +222,14 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
     strategy = MetaGradientStrategy(cfg, theta, held_out_ids=held_ids)
     ckpt = _restore(cfg, strategy, ckpt_folder)  # may refuse: before anything is written
     results.mkdir(parents=True, exist_ok=True)
-    strategy.set_roster(discover_hospitals(grid, cfg, {}, wait=cfg.wait_for_nodes))
-    if not strategy.training_nodes:
-        raise RuntimeError("no training hospital is connected (or none passed its start checks, see the warnings "
-                           "above); nothing to meta-train")
-    if not strategy.held_out_nodes:
-        log.warning("no held-out hospital is connected: adaptation to a new hospital will not be measured")
-    strategy.summary()
+    _connect_hospitals(grid, cfg, strategy)
 
     if ckpt is not None:
-        summary = ckpt.summary
+        summary = _resumed_summary(cfg, ckpt)
         arrays = to_array_record(ckpt.theta)
         first_round, last_eval, elapsed = ckpt.round + 1, ckpt.last_eval, ckpt.elapsed_seconds
-        summary.setdefault("resumed", []).append({"after_round": ckpt.round, "time": time.time()})
-        summary["config"] = cfg.to_run_config()
     else:
-        summary = {
-            "status": "running",
-            "config": cfg.to_run_config(),
-            "dataset": {"flag": info.flag, "task": info.task, "n_channels": info.n_channels,
-                        "n_classes": info.n_classes, "image_size": info.image_size},
-            "privacy": {"dp": cfg.dp, "unit": "one patient record at one hospital", "accountant": "opacus RDP",
-                        "target_epsilon": cfg.target_epsilon if cfg.dp else None,
-                        "delta": cfg.target_delta if cfg.dp else None},
-            "training_hospitals": strategy.training_hospitals(),
-            "held_out_hospitals": strategy.held_out_hospitals(),
-            "rounds": [], "hospitals": {}, "final": None, "max_epsilon": 0.0,
-        }
+        summary = _new_summary(cfg, info, strategy)
         arrays = to_array_record(theta)
         first_round, last_eval, elapsed = 1, None, 0.0
     summary["status"] = "running"
@@ -257,32 +238,9 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
         t0 = time.monotonic()
         if rnd > first_round:  # pick up hospitals that (re)joined, forget nodes that left
             strategy.set_roster(discover_hospitals(grid, cfg, strategy.hospital_of, wait=0.0))
-        replies = exchange(grid, list(strategy.configure_train(rnd, arrays, ConfigRecord({}), grid)),
-                           timeout=cfg.round_timeout)
-        silent = strategy.unanswered(replies)
-        for who in silent:
-            log.warning("round %d: no reply from %s within round-timeout=%gs; carrying on without it",
-                        rnd, who, cfg.round_timeout)
-        new_arrays, _ = strategy.aggregate_train(rnd, replies)
-        if new_arrays is not None:
-            arrays = new_arrays
-        rep = strategy.last_report
-        entry: dict[str, Any] = {"round": rnd, "meta_loss": rep.meta_loss if rep.updated else None,
-                                 "replies": rep.accepted, "declined": len(rep.declined),
-                                 "dropped": len(rep.dropped) + len(silent), "updated": rep.updated}
-        if rep.dropped or silent:
-            entry["dropped_reasons"] = rep.dropped + [f"{who}: no reply within round-timeout" for who in silent]
-        if strategy.held_out_nodes and (rnd % cfg.eval_every == 0 or rnd == cfg.num_server_rounds):
-            ev = evaluate_held_out(grid, cfg, strategy, rnd, to_array_record(strategy.optimizer.released()))
-            if ev is not None:
-                last_eval = dict(ev)
-                entry.update({"accuracy": last_eval[P.ACCURACY], "auc": last_eval[P.AUC],
-                              "accuracy_before_adaptation": last_eval[P.ACCURACY_BEFORE],
-                              "auc_before_adaptation": last_eval[P.AUC_BEFORE],
-                              "query_loss_after_adaptation": last_eval[P.LOSS],
-                              "evaluated_hospitals": int(last_eval["hospitals"]),
-                              "adaptation": _adaptation(cfg, strategy)})
-                last_eval["adaptation"] = entry["adaptation"]
+        arrays, entry, ev = _play_round(grid, cfg, strategy, rnd, arrays)
+        if ev is not None:
+            last_eval = ev
         entry["seconds"] = time.monotonic() - t0
         summary["rounds"].append(entry)
         summary["hospitals"] = _hospital_figures(strategy)
@@ -297,6 +255,81 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
         write_json_atomic(results / "summary.json", summary)
         log.info(_round_line(cfg, rnd, entry, max_eps, entry["seconds"]))
 
+    summary["wall_seconds"] = elapsed + time.monotonic() - t_start
+    _finish(cfg, strategy, summary, last_eval, results)
+    return summary
+
+
+def _connect_hospitals(grid: Grid, cfg: Config, strategy: MetaGradientStrategy) -> None:
+    """The first roster; refuses to start without a training hospital."""
+    strategy.set_roster(discover_hospitals(grid, cfg, {}, wait=cfg.wait_for_nodes))
+    if not strategy.training_nodes:
+        raise RuntimeError("no training hospital is connected (or none passed its start checks, see the warnings "
+                           "above); nothing to meta-train")
+    if not strategy.held_out_nodes:
+        log.warning("no held-out hospital is connected: adaptation to a new hospital will not be measured")
+    strategy.summary()
+
+
+def _resumed_summary(cfg: Config, ckpt: ServerCheckpoint) -> dict[str, Any]:
+    summary = ckpt.summary
+    summary.setdefault("resumed", []).append({"after_round": ckpt.round, "time": time.time()})
+    summary["config"] = cfg.to_run_config()
+    return summary
+
+
+def _new_summary(cfg: Config, info: Any, strategy: MetaGradientStrategy) -> dict[str, Any]:
+    return {
+        "status": "running",
+        "config": cfg.to_run_config(),
+        "dataset": {"flag": info.flag, "task": info.task, "n_channels": info.n_channels,
+                    "n_classes": info.n_classes, "image_size": info.image_size},
+        "privacy": {"dp": cfg.dp, "unit": "one patient record at one hospital", "accountant": "opacus RDP",
+                    "target_epsilon": cfg.target_epsilon if cfg.dp else None,
+                    "delta": cfg.target_delta if cfg.dp else None},
+        "training_hospitals": strategy.training_hospitals(),
+        "held_out_hospitals": strategy.held_out_hospitals(),
+        "rounds": [], "hospitals": {}, "final": None, "max_epsilon": 0.0,
+    }
+
+
+def _play_round(grid: Grid, cfg: Config, strategy: MetaGradientStrategy, rnd: int,
+                arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, Any], dict[str, Any] | None]:
+    """One training round, then the held-out evaluation when it is due: `(arrays, entry, evaluation)`,
+    the evaluation None when there was none this round."""
+    replies = exchange(grid, list(strategy.configure_train(rnd, arrays, ConfigRecord({}), grid)),
+                       timeout=cfg.round_timeout)
+    silent = strategy.unanswered(replies)
+    for who in silent:
+        log.warning("round %d: no reply from %s within round-timeout=%gs; carrying on without it",
+                    rnd, who, cfg.round_timeout)
+    new_arrays, _ = strategy.aggregate_train(rnd, replies)
+    if new_arrays is not None:
+        arrays = new_arrays
+    rep = strategy.last_report
+    entry: dict[str, Any] = {"round": rnd, "meta_loss": rep.meta_loss if rep.updated else None,
+                             "replies": rep.accepted, "declined": len(rep.declined),
+                             "dropped": len(rep.dropped) + len(silent), "updated": rep.updated}
+    if rep.dropped or silent:
+        entry["dropped_reasons"] = rep.dropped + [f"{who}: no reply within round-timeout" for who in silent]
+    last_eval = None
+    if strategy.held_out_nodes and (rnd % cfg.eval_every == 0 or rnd == cfg.num_server_rounds):
+        ev = evaluate_held_out(grid, cfg, strategy, rnd, to_array_record(strategy.optimizer.released()))
+        if ev is not None:
+            last_eval = dict(ev)
+            entry.update({"accuracy": last_eval[P.ACCURACY], "auc": last_eval[P.AUC],
+                          "accuracy_before_adaptation": last_eval[P.ACCURACY_BEFORE],
+                          "auc_before_adaptation": last_eval[P.AUC_BEFORE],
+                          "query_loss_after_adaptation": last_eval[P.LOSS],
+                          "evaluated_hospitals": int(last_eval["hospitals"]),
+                          "adaptation": _adaptation(cfg, strategy)})
+            last_eval["adaptation"] = entry["adaptation"]
+    return arrays, entry, last_eval
+
+
+def _finish(cfg: Config, strategy: MetaGradientStrategy, summary: dict[str, Any],
+            last_eval: dict[str, Any] | None, results: Path) -> None:
+    """The final figures, the model file, the curves and the completed summary."""
     if last_eval is not None:
         summary["final"] = {"accuracy": last_eval[P.ACCURACY], "auc": last_eval[P.AUC],
                             "accuracy_before_adaptation": last_eval[P.ACCURACY_BEFORE],
@@ -304,13 +337,11 @@ def run_federation(grid: Grid, cfg: Config) -> dict[str, Any]:
                             "hospitals": int(last_eval["hospitals"]),
                             "shots_per_class": cfg.shots,
                             "adaptation": last_eval.get("adaptation", _adaptation(cfg, strategy))}
-    summary["wall_seconds"] = elapsed + time.monotonic() - t_start
     summary["status"] = "completed"
     save_model(results / MODEL_FILE, cfg, strategy, summary)
     plot_curves(summary, results / "curves.png")
     write_json_atomic(results / "summary.json", summary)
     log.info("finished %d rounds in %.1fs; results in %s", cfg.num_server_rounds, summary["wall_seconds"], results)
-    return summary
 
 
 def save_model(path: Path, cfg: Config, strategy: MetaGradientStrategy, summary: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from client.approve_app import (
+from app_tools.bundle import (
     APPROVAL_SUFFIX,
     AppApprovalError,
     FabInfo,

@@ -17,7 +17,7 @@ import math
 import sys
 from collections.abc import Sequence
 
-from server.run_config import APP_DIR, ConfigProblem, resolve_run_config, validate_run_config
+from app_tools.run_config import APP_DIR, ConfigProblem, resolve_run_config, validate_run_config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,8 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"plan: {err}", file=sys.stderr)
         return 2
 
-    from common.data import DataError, dataset_info  # noqa: PLC0415
-    from common.hospital import param_shapes  # noqa: PLC0415
+    from common.medmnist import DataError, dataset_info  # noqa: PLC0415
+    from common.run_model import param_shapes  # noqa: PLC0415
     from common.planner import plan_run  # noqa: PLC0415
     from common.privacy import PrivacyError  # noqa: PLC0415
 
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"plan: --sizes {args.sizes!r}: need comma-separated integers", file=sys.stderr)
                 return 2
         else:
-            from common.hospital import sites_for  # noqa: PLC0415
+            from common.sites import sites_for  # noqa: PLC0415
 
             training, _ = sites_for(cfg)
             sizes = [s.num_records for s in training]

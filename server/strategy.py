@@ -1,16 +1,16 @@
 """The meta-gradient strategy: sends theta, validates and averages meta-gradients, takes the outer step.
 
 A Flower `Strategy` so it plugs into Flower's vocabulary (configure/aggregate train and evaluate),
-driven round by round by `server.app`. Aggregation maths live in `common.aggregate`.
+driven round by round by `server.app`. The round itself (sampling, validation, the weighted mean,
+the outer step) lives in `common.federation`, shared with the in-process loop; its maths in `common.aggregate`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import random
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -21,9 +21,10 @@ from flwr.serverapp.strategy import Strategy
 
 from common import protocol as P
 from common.adaptation import choose_adaptation
-from common.aggregate import InvalidUpdate, OuterOptimizer, validate_update, weighted_mean
+from common.aggregate import InvalidUpdate, OuterOptimizer
 from common.config import ADAPT_METHODS, Config
-from common.hospital import validation_hospitals
+from common.federation import OuterRound, RoundReport, TrainingSampler
+from common.held_out import validation_hospitals
 from common.maml import Params
 
 log = logging.getLogger("flwr")  # Flower's own logger: its lines reach `flwr run --stream` and `flwr log`
@@ -35,17 +36,6 @@ class HospitalRecord:
     delta: float = 0.0
     rounds_participated: int = 0
     declined_rounds: int = 0
-
-
-@dataclass
-class RoundReport:
-    """What happened to one round's replies."""
-
-    accepted: int = 0
-    declined: list[str] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
-    meta_loss: float = float("nan")
-    updated: bool = False
 
 
 def to_array_record(params: Params) -> ArrayRecord:
@@ -66,7 +56,7 @@ class MetaGradientStrategy(Strategy):
         self.hospitals: dict[int, HospitalRecord] = {}
         self.last_report = RoundReport()
         self.chosen_adaptation: tuple[str, float, int] | None = None  # (method, lr, steps), tune-adaptation
-        self._rng = random.Random(cfg.seed)
+        self.sampler = TrainingSampler(cfg.seed, cfg.clients_per_round)
         self._outbox: list[Message] = []  # the last messages sent, to attribute replies (and their absence)
 
     def set_roster(self, hospital_of: dict[int, int]) -> None:
@@ -97,15 +87,14 @@ class MetaGradientStrategy(Strategy):
 
     # -- training -------------------------------------------------------------------------------
     def sample_training_nodes(self) -> list[int]:
-        """`clients-per-round` training hospitals, drawn from the seeded sampler in hospital-id order.
+        """`clients-per-round` training hospitals (their nodes), from `common.federation.TrainingSampler`.
 
-        Sampling positions in the list of hospitals sorted by hospital id (not by Flower's node ids,
-        which are random per deployment) makes the schedule a function of the seed and the hospitals
-        alone: the same as `simulations.experiments.local_loop` and as any other deployment of the same run.
+        It samples by hospital id (not by Flower's node ids, which are random per deployment), so the
+        schedule is a function of the seed and the hospitals alone: the same as
+        `simulations.experiments.local_loop` and as any other deployment of the same run.
         """
-        by_hospital = sorted(self.training_nodes, key=lambda n: self.hospital_of[n])
-        k = min(self.cfg.clients_per_round, len(by_hospital))
-        return sorted(self._rng.sample(by_hospital, k), key=lambda n: self.hospital_of[n])
+        node_of = {self.hospital_of[n]: n for n in self.training_nodes}
+        return [node_of[h] for h in self.sampler.sample(node_of)]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -132,49 +121,45 @@ class MetaGradientStrategy(Strategy):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        report = RoundReport()
-        updates, weights, losses = [], [], []
+        """Each reply checked as a message here, its update validated and averaged by `common.federation.OuterRound`.
+
+        A hospital's privacy record is updated only from a reply that passed every check.
+        """
+        outer = OuterRound(self.optimizer, server_round=server_round, min_replies=self.cfg.min_replies,
+                           max_update_norm=self.cfg.max_update_norm, expected=self.expected, log=log)
         for msg in replies:
             who = self._who(msg)
             hid = self.hospital_of.get(self._node_of(msg), -1)
             try:
                 metrics, arrays = self._check_train_reply(msg, self.hospitals.get(hid))
             except InvalidUpdate as exc:
-                report.dropped.append(f"{who}: {exc}")
-                log.warning("round %d: dropped reply from %s: %s", server_round, who, exc)
+                outer.drop(who, exc)
+                continue
+            if arrays is not None and not outer.offer(who, arrays, num_examples=float(metrics[P.NUM_EXAMPLES]),
+                                                      loss=float(metrics[P.LOSS])):
                 continue
             rec = self.hospitals.setdefault(hid, HospitalRecord())
             rec.epsilon, rec.delta = float(metrics[P.EPSILON]), float(metrics[P.DELTA])
             rec.rounds_participated = int(metrics.get(P.ROUNDS, rec.rounds_participated))
             if arrays is None:
                 rec.declined_rounds += 1
-                reason = str(msg.content[P.STATUS]["reason"]) if P.STATUS in msg.content else "declined"
-                report.declined.append(f"{who}: {reason}")
-                log.info("round %d: %s did not train: %s", server_round, who, reason)
+                outer.decline(who, str(msg.content[P.STATUS]["reason"]) if P.STATUS in msg.content else "declined")
                 continue
             if not self.cfg.dp:
                 rec.rounds_participated += 1
-            updates.append(arrays)
-            weights.append(float(metrics[P.NUM_EXAMPLES]))
-            losses.append(float(metrics[P.LOSS]))
-        report.accepted = len(updates)
-        self.last_report = report
-        if report.accepted < self.cfg.min_replies:
-            log.warning("round %d: only %d valid meta-gradient(s), fewer than min-replies=%d; theta unchanged",
-                        server_round, report.accepted, self.cfg.min_replies)
+        self.last_report = outer.report  # filled in by `finish`
+        report = outer.finish()
+        if not report.updated:
             return None, None
-        mean = weighted_mean(updates, weights)
-        self.optimizer.step(mean)
-        report.updated = True
-        w = np.asarray(weights) / np.sum(weights)
-        report.meta_loss = float(np.dot(w, losses))
         return to_array_record(self.optimizer.params()), MetricRecord(
             {"meta-loss": report.meta_loss, "replies": report.accepted}
         )
 
     def _check_train_reply(self, msg: Message,
                            before: HospitalRecord | None = None) -> tuple[MetricRecord, dict[str, np.ndarray] | None]:
-        """The reply's metrics and update, or `InvalidUpdate` naming what is wrong.
+        """The reply's metrics and update, or `InvalidUpdate` naming what is wrong with the message.
+
+        The update's names, shapes and norm are checked after this, by `common.federation.OuterRound.offer`.
 
         Under DP the privacy figures must be consistent with what the hospital reported before:
         epsilon never decreases (a ledger that restarted would hide what was spent) and delta is
@@ -217,17 +202,15 @@ class MetaGradientStrategy(Strategy):
             arrays = {k: record[k].numpy() for k in record}
         except Exception as exc:  # a malformed array payload must not crash the server
             raise InvalidUpdate(f"unreadable arrays ({exc})") from exc
-        validate_update(arrays, self.expected, max_norm=self.cfg.max_update_norm)
         return metrics, arrays
 
     # -- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything the next rounds depend on: theta, outer optimiser, sampler, privacy figures."""
-        version, internal, gauss = self._rng.getstate()
         return {
             "theta": {k: v.detach().clone() for k, v in self.optimizer.theta.items()},
             "optimizer": self.optimizer.state_dict(),
-            "sampler": {"version": version, "internal": list(internal), "gauss": gauss},
+            "sampler": self.sampler.state_dict(),
             "hospitals": {int(h): asdict(rec) for h, rec in self.hospitals.items()},
         }
 
@@ -239,15 +222,14 @@ class MetaGradientStrategy(Strategy):
             for k, p in self.optimizer.theta.items():
                 p.copy_(theta[k])
         self.optimizer.load_state_dict(state["optimizer"])
-        s = state["sampler"]
-        self._rng.setstate((s["version"], tuple(s["internal"]), s["gauss"]))
+        self.sampler.load_state_dict(state["sampler"])
         self.hospitals = {int(h): HospitalRecord(**rec) for h, rec in state["hospitals"].items()}
 
     # -- evaluation on held-out hospitals ---------------------------------------------------------
     def split_held_out(self) -> tuple[list[int], list[int]]:
         """(validation nodes, test nodes) among the connected held-out hospitals.
 
-        With `tune-adaptation` the validation hospitals (`common.hospital.validation_hospitals`)
+        With `tune-adaptation` the validation hospitals (`common.held_out.validation_hospitals`)
         choose the adaptation and the others are reported; otherwise every held-out hospital is a
         test hospital adapted the fixed way. With no connected test hospital, nothing is chosen.
         """

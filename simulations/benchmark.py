@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.run_config import APP_DIR as REPO_ROOT, app_config
+from app_tools.run_config import APP_DIR as REPO_ROOT, app_config
 
 COMMITTED_OUT = REPO_ROOT / "docs" / "results" / "benchmark"
 DEFAULT_OUT = "benchmark-out"  # relative to the current directory
@@ -118,12 +118,13 @@ def _ratio_stats(times: Mapping[str, list[float]], base: str) -> dict[str, Any]:
 def bench_engines(data_dir: str, *, reps: int, batch_size: int = 16) -> dict[str, Any]:
     import numpy as np
 
-    from common import data as D
     from common.maml import PER_SAMPLE_ENGINES, mean_gradient, per_sample_gradients
+    from common.medmnist import load_medmnist
     from common.model import build_model, get_params
     from common.privacy import sample_rate
+    from common.sampling import poisson_sample
 
-    ds = D.load_medmnist("breastmnist", data_dir)
+    ds = load_medmnist("breastmnist", data_dir)
     x_all, y_all = ds.to_tensor(np.arange(min(len(ds), 256)))
     model = build_model(in_channels=1, num_classes=2, seed=0)
     params = get_params(model)
@@ -143,7 +144,7 @@ def bench_engines(data_dir: str, *, reps: int, batch_size: int = 16) -> dict[str
     fns["no-dp mean gradient"] = nodp
     times: dict[str, list[float]] = {k: [] for k in fns}
     for rep in range(reps + 2):
-        idx = D.poisson_sample(len(x_all), sample_rate(batch_size=batch_size, num_records=len(x_all)), rng)
+        idx = poisson_sample(len(x_all), sample_rate(batch_size=batch_size, num_records=len(x_all)), rng)
         x, y = x_all[idx], y_all[idx]
         for k in _rotated(list(fns), rep):
             t0 = time.perf_counter()
@@ -161,13 +162,21 @@ def bench_engines(data_dir: str, *, reps: int, batch_size: int = 16) -> dict[str
 
 
 def bench_dp_round(data_dir: str, *, reps: int) -> dict[str, Any]:
-    """One DP meta-training round vs the same round without DP, per engine, interleaved."""
+    """One DP meta-training round vs the same round without DP, per engine, interleaved.
+
+    The round is the apps' own: `train_round` at each hospital, then `common.federation.OuterRound`
+    (validation, min-replies, weighted mean, outer step), as the strategy and the local loop run it.
+    """
     import numpy as np
 
     import common.maml as M
-    from common.aggregate import OuterOptimizer, weighted_mean
+    from common.aggregate import OuterOptimizer
+    from common.federation import OuterRound
     from common.config import load_config
-    from common.hospital import new_model, noise_multiplier_for, sites_for, train_round
+    from common.local_round import train_round
+    from common.run_model import new_model
+    from common.site_privacy import noise_multiplier_for
+    from common.sites import sites_for
     from common.model import get_params
     from common.privacy import PrivacyLedger
 
@@ -187,13 +196,20 @@ def bench_dp_round(data_dir: str, *, reps: int) -> dict[str, Any]:
         per_sample_fn = (lambda m, p, x, y: M.per_sample_gradients(m, p, x, y, engine=engine)) if engine else None
         opt = OuterOptimizer.for_config(theta, cfg)
         start = time.perf_counter()
-        ups, ws = [], []
+        outer = OuterRound(opt, server_round=1, min_replies=cfg.min_replies, max_update_norm=cfg.max_update_norm)
         for s in chosen:
             out = train_round(cfg, s, opt.params(), server_round=1, per_sample_fn=per_sample_fn,
                               ledger=PrivacyLedger(delta=cfg.target_delta) if cfg.dp else None)
-            ups.append({k: v.numpy().astype(np.float32) for k, v in out.update.delta.items()})
-            ws.append(float(out.num_examples))
-        opt.step(weighted_mean(ups, ws))
+            who = f"hospital {s.hospital_id}"
+            if out.update is None:
+                outer.decline(who, out.declined)
+                continue
+            outer.offer(who, {k: v.numpy().astype(np.float32) for k, v in out.update.delta.items()},
+                        num_examples=float(out.num_examples), loss=out.update.loss)
+        report = outer.finish()
+        if not report.updated:  # a round without its outer step would time less than a round
+            raise RuntimeError(f"the benchmark round took no outer step: declined {report.declined}, "
+                               f"dropped {report.dropped}")
         return time.perf_counter() - start
 
     variants = {"no-dp": (cfg_plain, None)}
@@ -228,8 +244,8 @@ def bench_noise(*, reps: int, std: float = 1.0) -> dict[str, Any]:
 
     import torch
 
-    from common.data import dataset_info
-    from common.hospital import param_shapes
+    from common.medmnist import dataset_info
+    from common.run_model import param_shapes
     from common.privacy import SecureRandom
 
     shapes = [shape for _, shape in param_shapes(dataset_info("breastmnist"))]
@@ -350,7 +366,7 @@ def flower_run(rc: Mapping[str, Any], *, num_cpus: int, timeout: float, workdir:
 
 def local_rounds(rc: Mapping[str, Any]) -> list[float]:
     from common.config import load_config
-    from common.hospital import sites_for
+    from common.sites import sites_for
     from simulations.experiments.local_loop import meta_train
 
     cfg = load_config(rc)
@@ -398,7 +414,8 @@ def bench_federation(data_dir: str, *, sizes: Sequence[int], rounds: int, num_cp
 
 CLIENTAPP_START = """import json, sys, torch, client.app
 from common.config import load_config
-from common.hospital import load_site_from_folder, new_model
+from common.deployed_sites import load_site_from_folder
+from common.run_model import new_model
 torch.set_num_threads(1)
 cfg = load_config(json.loads(sys.argv[1]))
 site = load_site_from_folder(cfg, sys.argv[2], hospital_id=int(sys.argv[3]))

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from simulations.run import flower_env
-from server.run_config import APP_DIR, resolve_run_config, validate_run_config
+from app_tools.run_config import APP_DIR, resolve_run_config, validate_run_config
 from simulations.run.launcher import run_status, write_overrides_toml
 
 CONNECTION = "fedmeta-local"
@@ -118,7 +118,7 @@ class LocalDeployment:
 
     def prepare(self) -> None:
         """TLS material, one key pair and one data folder per hospital, and the CLI's connection."""
-        from common.hospital import prepare_hospital_folders  # noqa: PLC0415
+        from common.deployed_sites import prepare_hospital_folders  # noqa: PLC0415
         from server.tls import create_federation_material  # noqa: PLC0415
 
         self.tls, _ = create_federation_material(self.tls_dir, hosts=["127.0.0.1", "localhost"],
@@ -231,7 +231,7 @@ class LocalDeployment:
     def node_config(self, hospital_id: int) -> str:
         """The hospital's own settings: its id and role; for a training hospital its ledger, its limit
         (the run's target-epsilon) and the record count it publishes."""
-        from common.hospital import load_site  # noqa: PLC0415
+        from common.sites import load_site  # noqa: PLC0415
 
         if hospital_id not in self.training_hospitals():
             parts = [f"hospital-id={hospital_id}", 'role="held-out"']

@@ -5,7 +5,7 @@ class, predict the rest. Measures the figures and the time of that step, end to 
                                        [--seed 0] [--model MODEL] [--run-config "k=v ..."] [--prevalence P]
 
 1. Training data without the test split: `DIR/data/<dataset>.npz` is the official file with its test
-   arrays emptied (shape (0, ...); `common.data` pools the splits, so an empty split adds no record).
+   arrays emptied (shape (0, ...); `common.medmnist` pools the splits, so an empty split adds no record).
    No test image is seen in training, in the validation hospitals' choice of adaptation, or in the
    run's held-out scores.
 2. Training (skipped with `--model`): the project's default run config with only the data, dataset
@@ -100,7 +100,7 @@ def run(cmd: list[str], *, log: Path) -> float:
     return seconds
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m simulations.new_hospital", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", required=True, help="working folder (created; must not hold a previous site/)")
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA),
@@ -113,9 +113,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prevalence", default=None,
                         help="passed to client.adapt (the site's stated prevalence); default: Youden's J by "
                              "cross-validation on the support set")
-    args = parser.parse_args(argv)
+    return parser
 
-    from common.data import DataError, dataset_info, npz_path
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+
+    from common.medmnist import DataError, dataset_info, npz_path
 
     work = Path(args.work).expanduser().resolve()
     site = work / "site"
@@ -132,7 +136,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [info.labels[str(i)] for i in range(info.n_classes)]
     work.mkdir(parents=True, exist_ok=True)
     log = work / "new_hospital.log"
-    py = sys.executable
     report: dict[str, Any] = {"dataset": info.flag, "shots_per_class": args.shots, "seed": args.seed,
                               "prevalence": args.prevalence,
                               "targets": TARGETS, "cores": os.cpu_count()}
@@ -141,39 +144,64 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = Path(args.model).expanduser().resolve()
             report["training"] = {"model": str(model), "trained_here": False}
         else:
-            data = work / "data"
-            splits = without_test_split(official, npz_path(info.flag, data, 28))
-            results = work / "results"
-            overrides = f"data-dir='{data}' dataset='{info.flag}' results-dir='{results}' {args.run_config}".strip()
-            cmd = [py, "-m", "simulations.run", "--run-config", overrides]
-            seconds = run(cmd, log=log)
-            model = results / "model.safetensors"
-            report["training"] = {"model": str(model), "trained_here": True, "command": shlex.join(cmd),
-                                  "seconds": round(seconds, 1), "splits_used": splits,
-                                  "test_split": "emptied in the training copy (shape (0, ...))"}
+            training_copy = npz_path(info.flag, work / "data", 28)
+            model, report["training"] = _train_model(args, official, training_copy, info.flag, work, log=log)
         report["export"] = export_test_split(official, site, names, shots=args.shots, seed=args.seed)
-        steps = {
-            "import support": [py, "-m", "client.import_images", str(site / "support"), str(site / "support_imported"),
-                               "--dataset", info.flag],
-            "import rest": [py, "-m", "client.import_images", str(site / "rest"), str(site / "rest_imported"),
-                            "--dataset", info.flag],
-            "adapt": [py, "-m", "client.adapt", str(model), str(site / "support_imported"), "--out",
-                      str(site / "adapted.safetensors"),
-                      *(["--prevalence", args.prevalence] if args.prevalence else [])],
-            "predict": [py, "-m", "client.predict", str(site / "adapted.safetensors"), str(site / "rest_imported"),
-                        "--out", str(site / "predictions.csv")],
-        }
-        timings = {}
-        for name, cmd in steps.items():
-            timings[name] = round(run(cmd, log=log), 2)
-        report["commands"] = {k: shlex.join(v) for k, v in steps.items()}
-        report["seconds"] = {**timings, "total": round(sum(timings.values()), 2)}
-        report["load_average_after"] = list(os.getloadavg())
-        run([py, "-m", "client.predict", str(model), str(site / "rest_imported"), "--out",
-             str(site / "before_adaptation.csv")], log=log)
+        _take_into_use(model, site, info.flag, args.prevalence, report, log=log)
     except (RuntimeError, OSError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    after, before, met = _score_against_targets(report, site)
+    with open(work / "new_hospital.json", "w") as fh:
+        json.dump(report, fh, indent=2)
+        fh.write("\n")
+    _print_results(info.flag, report, after, before, met, work)
+    return 0 if all(met.values()) else 1
+
+
+def _train_model(args: argparse.Namespace, official: Path, training_copy: Path, flag: str, work: Path, *,
+                 log: Path) -> tuple[Path, dict[str, Any]]:
+    """A training run on a copy of the data without its test split; the model file and what was done."""
+    data = training_copy.parent
+    splits = without_test_split(official, training_copy)
+    results = work / "results"
+    overrides = f"data-dir='{data}' dataset='{flag}' results-dir='{results}' {args.run_config}".strip()
+    cmd = [sys.executable, "-m", "simulations.run", "--run-config", overrides]
+    seconds = run(cmd, log=log)
+    model = results / "model.safetensors"
+    return model, {"model": str(model), "trained_here": True, "command": shlex.join(cmd),
+                   "seconds": round(seconds, 1), "splits_used": splits,
+                   "test_split": "emptied in the training copy (shape (0, ...))"}
+
+
+def _take_into_use(model: Path, site: Path, flag: str, prevalence: str | None, report: dict[str, Any], *,
+                   log: Path) -> None:
+    """The site's timed steps (import, adapt, predict), then the released model scored as is."""
+    py = sys.executable
+    steps = {
+        "import support": [py, "-m", "client.import_images", str(site / "support"), str(site / "support_imported"),
+                           "--dataset", flag],
+        "import rest": [py, "-m", "client.import_images", str(site / "rest"), str(site / "rest_imported"),
+                        "--dataset", flag],
+        "adapt": [py, "-m", "client.adapt", str(model), str(site / "support_imported"), "--out",
+                  str(site / "adapted.safetensors"),
+                  *(["--prevalence", prevalence] if prevalence else [])],
+        "predict": [py, "-m", "client.predict", str(site / "adapted.safetensors"), str(site / "rest_imported"),
+                    "--out", str(site / "predictions.csv")],
+    }
+    timings = {}
+    for name, cmd in steps.items():
+        timings[name] = round(run(cmd, log=log), 2)
+    report["commands"] = {k: shlex.join(v) for k, v in steps.items()}
+    report["seconds"] = {**timings, "total": round(sum(timings.values()), 2)}
+    report["load_average_after"] = list(os.getloadavg())
+    run([py, "-m", "client.predict", str(model), str(site / "rest_imported"), "--out",
+         str(site / "before_adaptation.csv")], log=log)
+
+
+def _score_against_targets(report: dict[str, Any],
+                           site: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, bool]]:
+    """The metrics after adaptation and of the model as is, into `report`; which targets were met."""
     after = json.loads((site / "predictions.metrics.json").read_text())
     before = json.loads((site / "before_adaptation.metrics.json").read_text())
     keys = ("n", "auc", "accuracy", "sensitivity", "specificity", "ece", "threshold")
@@ -183,11 +211,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     met = {"auc": after["auc"] >= TARGETS["auc"], "accuracy": after["accuracy"] >= TARGETS["accuracy"],
            "seconds": report["seconds"]["total"] <= TARGETS["seconds"]}
     report["targets_met"] = met
-    with open(work / "new_hospital.json", "w") as fh:
-        json.dump(report, fh, indent=2)
-        fh.write("\n")
+    return after, before, met
+
+
+def _print_results(flag: str, report: dict[str, Any], after: dict[str, Any], before: dict[str, Any],
+                   met: dict[str, bool], work: Path) -> None:
     s = report["seconds"]
-    print(f"{info.flag}: {sum(report['export']['support'].values())} support cases "
+    print(f"{flag}: {sum(report['export']['support'].values())} support cases "
           f"({report['export']['support']}), {after['n']} predicted")
     def f(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.4f}"
@@ -199,7 +229,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s.items()))
     print("targets: " + ", ".join(f"{k} {'met' if ok else 'MISSED'}" for k, ok in met.items()))
     print(f"report -> {work / 'new_hospital.json'}")
-    return 0 if all(met.values()) else 1
 
 
 if __name__ == "__main__":

@@ -8,13 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from common import data as D
 from common.acquisition import (
     MEDMNISTC_PARAMS, SEVERITIES, AcquisitionError, Profile, acquisition_profiles, acquisition_rng, apply_profile,
     corruptions_for, effective_severities,
 )
 from common.config import ConfigError, load_config
-from common.hospital import load_site, load_site_from_folder, prepare_hospital_folders, site_profiles
+from common.deployed_sites import load_site_from_folder, prepare_hospital_folders
+from common.hospital_folders import HOSPITAL_MANIFEST
+from common.medmnist import load_medmnist
+from common.partition import held_out_hospitals
+from common.sites import load_site, site_profiles
 from conftest import base_run_config
 
 HELD = (1, 4, 7, 9)
@@ -127,8 +130,8 @@ def _cfg(data_dir, tmp_path, **over):
 def test_no_shift_leaves_load_site_byte_identical(synthetic_dir, tmp_path):
     cfg = _cfg(synthetic_dir, tmp_path)
     assert cfg.acquisition_shift == "none"  # the default
-    ds = D.load_medmnist("breastmnist", synthetic_dir)
-    from common.hospital import _partition  # noqa: PLC0415 - the partition itself, as before this feature
+    ds = load_medmnist("breastmnist", synthetic_dir)
+    from common.sites import _partition  # noqa: PLC0415 - the partition itself, as before this feature
     for h in range(cfg.num_hospitals):
         x, y = ds.to_tensor(_partition(cfg, ds)[h])
         site = load_site(cfg, h)
@@ -138,7 +141,7 @@ def test_no_shift_leaves_load_site_byte_identical(synthetic_dir, tmp_path):
 def test_shift_changes_every_training_site_and_the_control_keeps_held_out_clean(synthetic_dir, tmp_path):
     clean = _cfg(synthetic_dir, tmp_path)
     shifted = _cfg(synthetic_dir, tmp_path, acquisition_shift="medmnistc", acquisition_held_out="none")
-    held = set(D.held_out_hospitals(6, 2, clean.seed))
+    held = set(held_out_hospitals(6, 2, clean.seed))
     for h in range(6):
         a, b = load_site(clean, h), load_site(shifted, h)
         assert torch.equal(a.y, b.y)
@@ -153,7 +156,7 @@ def test_prepared_folders_hold_the_shifted_images_and_record_the_profile(synthet
     for m in manifests:
         folder = tmp_path / "out" / f"hospital-{m.hospital_id}"
         assert torch.equal(load_site_from_folder(cfg, folder).x, load_site(cfg, m.hospital_id).x)
-        recorded = json.loads((folder / D.HOSPITAL_MANIFEST).read_text())["source"]["acquisition"]
+        recorded = json.loads((folder / HOSPITAL_MANIFEST).read_text())["source"]["acquisition"]
         p = profiles[m.hospital_id]
         assert recorded["corruption"] == p.corruption and recorded["severity"] == p.severity
 

@@ -1,4 +1,5 @@
-"""A new site's tools: its operating point (`common.operating_point`), `client.adapt` and `client.predict`.
+"""A new site's tools: its operating point (`common.threshold`), its metrics (`common.clinical_metrics`),
+`client.adapt` and `client.predict`.
 
 Worked answers for the threshold rules, the metrics against scikit-learn, the adapted weights against
 `finetune` on the same records, the CSV as medmnist's INFO spells the labels, exit code 2 on bad
@@ -18,13 +19,14 @@ import torch
 from PIL import Image
 
 from common.adaptation import finetune
+from common.clinical_metrics import clinical_metrics, expected_calibration_error
 from common.config import load_config
-from common.data import MedMNISTData, dataset_info
+from common.medmnist import MedMNISTData, dataset_info
 from common.maml import class_probabilities, evaluate
 from common.model import build_model, get_params
-from common.operating_point import (
+from common.threshold import (
     RULE_PREVALENCE, RULE_SUPPORT_BALANCE, RULE_YOUDEN_CV, OperatingPoint, bayes_threshold, choose_threshold,
-    clinical_metrics, expected_calibration_error, stratified_folds, youden_threshold,
+    stratified_folds, youden_threshold,
 )
 from conftest import base_run_config
 
@@ -205,15 +207,15 @@ def test_cross_validation_never_scores_a_record_it_adapted_on(monkeypatch):
 
     monkeypatch.setattr(A, "finetune", spy)
     scored: list[set[int]] = []
-    import common.operating_point as OP
+    import common.threshold as TH
 
-    real_logits = OP.predict_logits
+    real_logits = TH.predict_logits
 
     def spy_logits(model_, params, xs):
         scored.append({int(v) for v in xs[:, 0, 0, 0]})
         return real_logits(model_, params, xs)
 
-    monkeypatch.setattr(OP, "predict_logits", spy_logits)
+    monkeypatch.setattr(TH, "predict_logits", spy_logits)
     choose_threshold(model, theta, x, y, task=BREAST.task, label_names=BREAST_NAMES, **ADAPT)
     assert len(adapted_on) == len(scored) == 5
     for train, held in zip(adapted_on, scored):
@@ -282,7 +284,7 @@ def test_metrics_against_sklearn(n_classes):
 
 
 def test_plot_writes_a_png(tmp_path):
-    from common.operating_point import plot_roc_reliability
+    from common.roc_reliability_plot import plot_roc_reliability
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 80)
@@ -296,7 +298,7 @@ def test_plot_writes_a_png(tmp_path):
 
 def test_adapt_weights_equal_finetune(model_file, support_dir, tmp_path):
     from client.adapt import main as adapt, support_sha256
-    from common.images import load_image_set
+    from common.image_sets import load_image_set
     from common.model_file import load_model_file
 
     out = tmp_path / "adapted.safetensors"
@@ -424,7 +426,8 @@ def test_end_to_end_adapt_predict_match_adapt_and_score(medmnist_dir, tmp_path):
     """A short DP training; held-out hospital exported as PNGs; adapt + predict give adapt_and_score's AUC."""
     from client.adapt import main as adapt
     from client.predict import main as predict
-    from common.hospital import adapt_and_score, adaptation_split, sites_for
+    from common.held_out import adapt_and_score, adaptation_split
+    from common.sites import sites_for
     from simulations.experiments.local_loop import meta_train
 
     cfg = config(medmnist_dir, tmp_path, **{"num-hospitals": 5, "num-held-out": 1, "clients-per-round": 3,

@@ -22,7 +22,7 @@ import pytest
 
 from client import approve_app as aa
 from server import app_hub
-from server.run_config import APP_DIR
+from app_tools.run_config import APP_DIR
 
 
 @pytest.fixture(scope="module")

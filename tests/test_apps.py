@@ -13,8 +13,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.app import app as client_app
 from common import protocol as P
 from common.config import load_config
-from common.data import dataset_info
-from common.hospital import adaptation_split, load_site
+from common.held_out import adaptation_split
+from common.medmnist import dataset_info
+from common.sites import load_site
 from common.model import build_model, get_params
 from common.journal import LedgerJournal
 from server.strategy import MetaGradientStrategy, to_array_record

@@ -17,8 +17,8 @@ from common.canary_audit import (
     AuditError, Canaries, binomial_tail, binomial_tails, canary_per_sample_fn, count_correct, draw_canaries,
     epsilon_lower_bound, flatten, guess, p_value, with_canaries,
 )
-from common.data import DatasetInfo
-from common.hospital import Site
+from common.medmnist import DatasetInfo
+from common.sites import Site
 from common.maml import per_sample_gradients
 from common.model import SmallCNN, get_params
 from common.privacy import PrivacySpec, private_gradient_fn

@@ -89,8 +89,8 @@ def test_a_quick_run_writes_the_same_keys_as_a_full_run(monkeypatch):
 
 def test_noise_measurement_compares_one_release_of_every_parameter():
     from common.config import load_config
-    from common.data import dataset_info
-    from common.hospital import new_model
+    from common.medmnist import dataset_info
+    from common.run_model import new_model
     from conftest import base_run_config
 
     got = B.bench_noise(reps=3)
@@ -112,7 +112,7 @@ def test_ratio_statistics_pair_runs_one_by_one():
 
 
 def test_the_synthetic_scale_file_is_read_as_the_dataset_it_stands_in_for(tmp_path):
-    from common.data import load_medmnist
+    from common.medmnist import load_medmnist
 
     B.write_synthetic_npz(tmp_path / f"{B.SCALE_RUN_CONFIG['dataset']}.npz", n=(50, 5, 7))
     ds = load_medmnist(B.SCALE_RUN_CONFIG["dataset"], tmp_path)

@@ -101,7 +101,7 @@ def test_quick_comparison_end_to_end_spends_the_budget_and_scores_only_test_hosp
     import sys
 
     from common.config import load_config
-    from common.hospital import validation_hospitals
+    from common.held_out import validation_hospitals
     from simulations.experiments.compare import REPO_ROOT, cell_run_config, load_experiment
 
     path = REPO_ROOT / "simulations" / "experiments" / "compare" / "compare-dp.toml"
@@ -270,3 +270,20 @@ def test_paired_intervals_are_over_training_runs_seed_by_fold_with_the_detectabl
     assert d.d_auc == pytest.approx(v.mean())
     assert d.ci95_hi - d.d_auc == pytest.approx(stats.t.ppf(0.975, 3) * se)
     assert d.mde80 == pytest.approx((stats.t.ppf(0.975, 3) + stats.t.ppf(0.8, 3)) * se)
+
+
+def test_against_pairs_two_designs_on_the_same_runs_hospitals_and_draws() -> None:
+    """NEW - OLD per cell, paired on (seed, fold, hospital, draw): the mean of the per-run differences."""
+    from simulations.experiments.against import against
+
+    def report(shift: dict) -> pd.DataFrame:
+        return pd.DataFrame([{"dataset": "d", "dirichlet_alpha": 1.0, "method": "fedavg", "epsilon": "8", "shots": 5,
+                              "seed": s, "fold": f, "hospital": h, "draw": 0, "auc_before": 0.7,
+                              "auc_after": 0.8 + shift.get((s, f), 0.0)}
+                             for s in (0, 1) for f in (0, 1) for h in (1, 2)])
+
+    new = report({(0, 0): 0.02, (0, 1): 0.04, (1, 0): 0.0, (1, 1): 0.02})
+    table = against(new, report({}))
+    adapted = table[table.compared == "adapted"].iloc[0]
+    assert adapted.d_auc == pytest.approx(0.02) and adapted.units == 4 and adapted.pairs == 8
+    assert table[table.compared == "as is"].iloc[0].d_auc == pytest.approx(0.0)

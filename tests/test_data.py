@@ -1,4 +1,4 @@
-"""Tests for common/data.py (fast, no network)."""
+"""Tests for common/medmnist.py, partition.py and sampling.py (fast, no network)."""
 
 from __future__ import annotations
 
@@ -15,22 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-import common.data as data
-from common.data import (
-    SUPPORTED_SIZES,
-    DataError,
-    DatasetInfo,
-    dataset_info,
-    download_npz,
-    flags_2d,
-    held_out_hospitals,
-    kshot_split,
-    load_medmnist,
-    npz_path,
-    partition_hospitals,
-    poisson_sample,
-    sample_without_replacement,
+import common.medmnist as M
+from common.medmnist import (
+    SUPPORTED_SIZES, DataError, DatasetInfo, dataset_info, download_npz, flags_2d, load_medmnist, npz_path,
 )
+from common.partition import held_out_hospitals, partition_hospitals
+from common.sampling import kshot_split, poisson_sample, sample_without_replacement
 from medmnist.info import INFO
 
 REAL_DIR = Path(
@@ -40,9 +30,9 @@ REAL_DIR = Path(
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
-    data.clear_cache()
+    M.clear_cache()
     yield
-    data.clear_cache()
+    M.clear_cache()
 
 
 # --------------------------------------------------------------------------- synthetic files
@@ -142,7 +132,7 @@ def test_dataset_info_rejects_multilabel_chestmnist():
     msg = str(err.value)
     assert "sigmoid" in msg and "breastmnist" in msg and "pneumoniamnist" in msg
     assert "chestmnist, " not in msg.split("Choose one of:")[1]
-    assert "chestmnist" not in data.supported_flags()
+    assert "chestmnist" not in M.supported_flags()
 
 
 @pytest.mark.parametrize("bad", [32, 0, "28", 28.0, True])
@@ -180,7 +170,7 @@ def _imports(path: Path) -> tuple[set[str], set[str]]:
 
 def test_module_imports_stay_clean():
     """No module of common/ imports flwr or torchvision, and none imports medmnist at import time."""
-    modules = sorted(Path(data.__file__).parent.glob("*.py"))
+    modules = sorted(Path(M.__file__).parent.glob("*.py"))
     assert len(modules) > 10
     for path in modules:
         all_imports, top_level = _imports(path)
@@ -199,7 +189,7 @@ def test_metadata_comes_from_medmnists_info_without_running_the_package():
     """INFO is medmnist's own, and reading it does not import medmnist's dataset classes (torchvision,
     PIL, pandas, scikit-learn); once the package is imported, its live dict is used."""
     code = (
-        "import sys; from common import data\n"
+        "import sys; from common import medmnist as data\n"
         "info = data.dataset_info('pneumoniamnist')\n"
         "assert info.n_channels == 1 and not any(m.startswith('medmnist') for m in sys.modules)\n"
         "heavy = [m for m in ('torchvision', 'PIL', 'pandas', 'sklearn') if m in sys.modules]\n"
@@ -213,7 +203,7 @@ def test_metadata_comes_from_medmnists_info_without_running_the_package():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(data.__file__).parents[1])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(M.__file__).parents[1])
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
@@ -500,7 +490,7 @@ def test_download_happy_path_is_atomic(tmp_path, monkeypatch, size, suffix):
         replaced.append((str(src), str(dst)))
         real_replace(src, dst)
 
-    monkeypatch.setattr(data.os, "replace", spy_replace)
+    monkeypatch.setattr(os, "replace", spy_replace)
 
     assert download_npz("breastmnist", tmp_path, size) == target
     assert urls == [INFO["breastmnist"][f"url{suffix}"]]
@@ -658,7 +648,7 @@ def test_held_out_folds_are_disjoint_and_fold_zero_is_the_default():
 
 def test_the_config_holds_out_its_fold_and_refuses_a_fold_that_does_not_exist():
     from common.config import ConfigError, load_config
-    from server.run_config import app_config
+    from app_tools.run_config import app_config
 
     rc = {**app_config(), "num-hospitals": 10, "num-held-out": 4, "seed": 2}
     assert load_config({**rc, "held-out-fold": 1}).held_out_ids == held_out_hospitals(10, 4, 2, fold=1)

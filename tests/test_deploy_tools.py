@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from common.config import load_config
-from common.data import HOSPITAL_MANIFEST, load_hospital_folder
-from common.hospital import load_site, load_site_from_folder, prepare_hospital_folders
+from common.deployed_sites import load_site_from_folder, prepare_hospital_folders
+from common.hospital_folders import HOSPITAL_MANIFEST, load_hospital_folder
+from common.sites import load_site
 from conftest import base_run_config
 from server.checkpoint import ServerCheckpoint, check_compatible, load_checkpoint, save_checkpoint
 from server.tls import TLSError, create_federation_material, main as tls_main

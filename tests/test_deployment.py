@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from common.data import held_out_hospitals
+from common.partition import held_out_hospitals
 from common.journal import LedgerJournal
 from common.model_file import MODEL_FILE, load_model_file
 from simulations.run import flower_env

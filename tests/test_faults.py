@@ -25,8 +25,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from common import protocol as P
 from common.config import ConfigError, load_config
-from common.data import HOSPITAL_MANIFEST, DataError, held_out_hospitals
-from common.hospital import load_site, prepare_hospital_folders
+from common.deployed_sites import prepare_hospital_folders
+from common.hospital_folders import HOSPITAL_MANIFEST
+from common.medmnist import DataError
+from common.partition import held_out_hospitals
+from common.sites import load_site
 from common.journal import LedgerJournal
 from common.model_file import MODEL_FILE, load_model_file
 from conftest import REPO, base_run_config, write_synthetic_npz

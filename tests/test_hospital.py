@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from common.config import load_config
-from common.hospital import (
-    adapt_and_score, gradient_steps_per_round, load_site, new_model, noise_multiplier_for, train_round,
-)
+from common.held_out import adapt_and_score
+from common.local_round import gradient_steps_per_round, train_round
+from common.run_model import new_model
+from common.site_privacy import noise_multiplier_for
+from common.sites import load_site
 from common.model import get_params
 from common.privacy import PrivacyLedger
 from conftest import base_run_config
@@ -83,7 +85,7 @@ def test_non_dp_rounds_are_reproducible_from_the_seed(synthetic_dir) -> None:
 ])
 def test_ledger_charges_exactly_the_dp_steps_taken_each_a_fresh_poisson_batch(
         synthetic_dir, monkeypatch, algorithm, inner, episodes, per_episode) -> None:
-    import common.hospital as H
+    import common.local_round as H
 
     cfg = cfg_for(synthetic_dir, algorithm=algorithm, inner_steps=inner, local_meta_steps=episodes, batch_size=8)
     site = load_site(cfg, 1)
@@ -131,8 +133,8 @@ def test_noise_is_calibrated_for_the_participation_the_sampler_gives(synthetic_d
 def test_noise_scaled_local_lr_only_lowers_the_rate_in_proportion_to_sigma() -> None:
     """`noise-lr-reference`: local-lr x min(1, reference / sigma); 0 (or no DP) leaves local-lr."""
     from common.config import load_config
-    from common.hospital import site_local_lr
-    from server.run_config import app_config
+    from common.local_round import site_local_lr
+    from app_tools.run_config import app_config
 
     on = load_config({**app_config(), "local-lr": 0.5, "noise-lr-reference": 1.0})
     assert site_local_lr(on, 0.5) == 0.5 and site_local_lr(on, 1.0) == 0.5

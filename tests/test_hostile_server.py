@@ -18,7 +18,8 @@ from flwr.app import Message, MessageType, RecordDict
 import client.app as client_mod
 from common import protocol as P
 from common.config import load_config
-from common.hospital import Site, load_site, new_model
+from common.run_model import new_model
+from common.sites import Site, load_site
 from common.journal import LedgerJournal
 from common.maml import per_sample_gradients
 from common.model import build_model, get_params

@@ -1,5 +1,6 @@
-"""`common.images` and `python -m client.import_images`: a hospital's own PNG/JPEG/DICOM files into a
-hospital folder. Synthetic files in tmp_path only (no network, no shared data files)."""
+"""`common.image_import` (with image_sources, image_decoding, image_conversion, image_sets) and
+`python -m client.import_images`: a hospital's own PNG/JPEG/DICOM files into a hospital folder.
+Synthetic files in tmp_path only (no network, no shared data files)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from PIL import Image
 
 from client import check_data
 from client import import_images as cli
-from common.data import HOSPITAL_MANIFEST, DataError, MedMNISTData, dataset_info, load_hospital_folder
-from common.images import (
-    IMPORT_REPORT, ImageImportError, import_images, load_image_set, read_image_source, read_patient_ids,
-)
+from common.hospital_folders import HOSPITAL_MANIFEST, load_hospital_folder, read_patient_ids
+from common.image_import import IMPORT_REPORT, import_images
+from common.image_sets import load_image_set, read_image_source
+from common.image_sources import ImageImportError
+from common.medmnist import DataError, MedMNISTData, dataset_info
 
 try:  # the test extra installs pydicom; without it only the DICOM tests are skipped
     import pydicom
@@ -472,7 +474,7 @@ def test_import_speed(tmp_path) -> None:
 
 
 def test_a_patient_is_never_split_between_support_and_query() -> None:
-    from common.data import kshot_split
+    from common.sampling import kshot_split
 
     rng = np.random.default_rng(0)
     for trial in range(200):
@@ -489,7 +491,8 @@ def test_a_patient_is_never_split_between_support_and_query() -> None:
 def test_a_prepared_image_export_imports_back_to_the_hospitals_records(tmp_path, run_config) -> None:
     from client.prepare_hospitals import main as prepare
     from common.config import load_config
-    from common.hospital import load_site, load_site_from_folder
+    from common.deployed_sites import load_site_from_folder
+    from common.sites import load_site
 
     rc = {**run_config, "num-hospitals": 3, "num-held-out": 1}
     toml = tmp_path / "run.toml"

@@ -1,6 +1,6 @@
 """One K-shot draw (issue 19): the apps, the local loop and the harness score the same support and query sets.
 
-`common.hospital.kshot_draw(seed, site, shots, draw)` is the only code that draws a K-shot split. A spy
+`common.held_out.kshot_draw(seed, site, shots, draw)` is the only code that draws a K-shot split. A spy
 on it records what every path asks for and gets: the ClientApp's held-out evaluation
 (`adapt_and_score` / `adaptation_grid_scores`), the local loop (`score_held_out`, `evaluate_held_out`),
 `compare.score` and `levers`. Draw 0 must be identical everywhere; draws d > 0 (the harness's extra
@@ -17,11 +17,13 @@ import torch
 from flwr.app import MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
-import common.hospital as H
+import common.held_out as H
 from common import protocol as P
 from common.config import load_config
-from common.data import kshot_split
 from common.model import get_params
+from common.run_model import new_model
+from common.sampling import kshot_split
+from common.sites import Site, sites_for
 from conftest import base_run_config
 from server.strategy import to_array_record
 from test_apps import send  # the real ClientApp handler, messages in-process
@@ -71,10 +73,10 @@ def test_every_path_scores_the_same_draw_0(medmnist_dir, tmp_path, monkeypatch) 
 
     rc = rc_for(medmnist_dir, tmp_path)
     cfg = load_config(rc)
-    training, held = H.sites_for(cfg)
+    training, held = sites_for(cfg)
     val_ids = set(H.validation_hospitals(cfg))
     assert len(held) == 2 and len(val_ids) == 1
-    theta = get_params(H.new_model(cfg, held[0].info))
+    theta = get_params(new_model(cfg, held[0].info))
     spy = Spy(monkeypatch)
     want = {(s.hospital_id, cfg.shots, 0): tuple(tuple(a.tolist()) for a in spy.real(cfg.seed, s, cfg.shots, 0))
             for s in held}
@@ -122,7 +124,7 @@ def test_every_path_scores_the_same_draw_0(medmnist_dir, tmp_path, monkeypatch) 
 
 def test_later_draws_differ_from_draw_0_and_are_deterministic(medmnist_dir, tmp_path) -> None:
     cfg = load_config(rc_for(medmnist_dir, tmp_path))
-    _, held = H.sites_for(cfg)
+    _, held = sites_for(cfg)
     for site in held:
         labels = site.y.numpy()
         splits = [H.kshot_draw(cfg, site, 5, d) for d in range(4)]
@@ -142,13 +144,13 @@ def test_later_draws_differ_from_draw_0_and_are_deterministic(medmnist_dir, tmp_
 
 def test_every_draw_keeps_patients_on_one_side() -> None:
     """With patient ids (an imported folder) no patient is split, in draw 0 and in the harness's later draws."""
-    from common.data import dataset_info
+    from common.medmnist import dataset_info
 
     rng = np.random.default_rng(0)
     n = 120
     patients = rng.integers(0, 40, size=n)
     labels = rng.integers(0, 2, size=n)
-    site = H.Site(4, torch.zeros(n, 1, 28, 28), torch.as_tensor(labels), dataset_info("breastmnist", 28),
+    site = Site(4, torch.zeros(n, 1, 28, 28), torch.as_tensor(labels), dataset_info("breastmnist", 28),
                   tuple(f"p{p}" for p in patients))
     supports = []
     for d in range(3):

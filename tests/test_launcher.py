@@ -166,8 +166,8 @@ def test_the_launcher_downloads_once_and_the_hospitals_never_download(tmp_path, 
     with download=true and no network."""
     import urllib.request
 
-    from common import data as D
-    from common.hospital import load_site
+    from common import medmnist as D
+    from common.sites import load_site
 
     official = (real_medmnist_dir() / "breastmnist.npz").read_bytes()
     data = tmp_path / "data"

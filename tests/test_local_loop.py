@@ -19,14 +19,16 @@ import pytest
 import torch
 from flwr.supercore.task_identity import TaskIdentity
 
-import common.hospital as H
+import common.local_round as LR
 from common.config import load_config
+from common.held_out import validation_hospitals
 from common.model import get_params
 from common.model_file import MODEL_FILE, load_model_file
+from common.run_model import new_model
 from conftest import REPO, base_run_config
 from fake_grid import InProcessGrid
 from server.app import run_federation
-from common.hospital import sites_for
+from common.sites import sites_for
 from simulations.experiments.local_loop import evaluate_held_out, meta_train, score_held_out
 
 
@@ -77,7 +79,7 @@ def expected_final(cfg, theta) -> dict[str, float]:
 def assert_same(summary: dict, theta_flower: dict, cfg) -> None:
     training, _ = sites_for(cfg)
     local = meta_train(cfg, training)
-    theta0 = get_params(H.new_model(cfg, training[0].info))
+    theta0 = get_params(new_model(cfg, training[0].info))
     assert max(float((local.theta[k] - theta0[k]).abs().max()) for k in theta0) > 1e-3  # it trained
     # float32 tolerance: a Ray actor and this process may sum in another order (thread counts), a few
     # ulps per operation over the rounds (measured up to 3e-6 once in CI); a skipped step, another
@@ -104,7 +106,7 @@ def assert_same(summary: dict, theta_flower: dict, cfg) -> None:
                                                           ("fedavg", True, 0.5)])
 def test_local_loop_equals_the_flower_apps(medmnist_dir, tmp_path, monkeypatch, algorithm, dp, average) -> None:
     if dp:  # one injected generator for both paths, re-seeded per call (the product's are never seeded)
-        monkeypatch.setattr(H, "secure_generator", SeededSource)
+        monkeypatch.setattr(LR, "secure_generator", SeededSource)
     rc = rc_for(medmnist_dir, tmp_path, algorithm=algorithm, dp=dp, **{"theta-average": average},
                 **({"inner-steps": 2} if algorithm == "reptile" else {}))
     cfg = load_config(rc)
@@ -141,7 +143,7 @@ def test_adaptation_is_chosen_on_validation_hospitals_and_reported_on_test_hospi
     summary = run_federation(grid, cfg)
     theta = load_model_file(tmp_path / "results" / MODEL_FILE).params
     assert_same(summary, theta, cfg)
-    val = set(H.validation_hospitals(cfg))
+    val = set(validation_hospitals(cfg))
     held = set(summary["held_out_hospitals"])
     assert len(val) == 2 and val < held
     evaluated = {node - 100 for kind, node, _ in grid.sent if kind == "evaluate"}
@@ -158,7 +160,7 @@ def test_training_improves_the_held_out_hospitals(run_config) -> None:
                        "local-lr": 0.1})
     training, held = sites_for(cfg)
     no_adapt = dataclasses.replace(cfg, adapt_steps=0)
-    before = score_held_out(no_adapt, held, get_params(H.new_model(cfg, training[0].info)))
+    before = score_held_out(no_adapt, held, get_params(new_model(cfg, training[0].info)))
     after = score_held_out(no_adapt, held, meta_train(cfg, training).theta)
     assert np.mean([s.loss_before for s in after]) < np.mean([s.loss_before for s in before]) - 0.03
     assert np.mean([s.auc_before for s in after]) > np.mean([s.auc_before for s in before]) + 0.03

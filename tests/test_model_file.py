@@ -17,7 +17,7 @@ from safetensors.torch import save as st_save
 import common.model_file as MF
 from client import model_info
 from common.config import load_config
-from common.data import dataset_info
+from common.medmnist import dataset_info
 from common.model import build_model, get_params
 from common.model_file import (
     MODEL_FILE, ModelFileError, append_history, load_model_file, save_model_file, training_card, weights_sha256,

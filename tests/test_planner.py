@@ -9,7 +9,7 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from common.config import load_config
-from common.hospital import noise_multiplier_for
+from common.site_privacy import noise_multiplier_for
 from common.model import build_model, get_params
 from common.planner import plan_run
 from common.privacy import RDP_ORDERS, PrivacySpec, private_gradient_fn

@@ -18,8 +18,10 @@ from client.app import app as client_app
 from client.ledger import main as ledger_cli
 from common import protocol as P
 from common.config import load_config
-from common.data import DataError, held_out_hospitals
-from common.hospital import Site, load_site, train_round
+from common.local_round import train_round
+from common.medmnist import DataError
+from common.partition import held_out_hospitals
+from common.sites import Site, load_site
 from common.journal import LedgerJournal
 from common.policy import NodeConfigError, parse_node_config
 from common.privacy import PrivacyLedger, SecureRandom, epsilon_of_history, private_gradient_fn, secure_generator

@@ -156,7 +156,7 @@ def test_the_accountant_is_opacus_own_analysis_without_the_opacus_package() -> N
         ref = get_noise_multiplier(target_epsilon=target, target_delta=1e-5, sample_rate=q, steps=steps,
                                    accountant="rdp", epsilon_tolerance=0.005, alphas=list(RDP_ORDERS))
         assert ours == pytest.approx(ref, rel=2e-3)
-    code = ("import sys, client.app, common.hospital, server.app; "
+    code = ("import sys, client.app, common.deployed_sites, common.held_out, common.local_round, server.app; "
             "print(sorted(m for m in sys.modules if m == 'opacus' or m.startswith('opacus.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

@@ -1,4 +1,4 @@
-"""Tests of `server.run_config`: the run config resolved exactly as Flower resolves it."""
+"""Tests of `app_tools.run_config`: the run config resolved exactly as Flower resolves it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server import run_config
+from app_tools import run_config
 
 REPO = Path(__file__).resolve().parents[1]
 

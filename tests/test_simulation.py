@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from common.config import load_config
-from common.data import dataset_info
+from common.medmnist import dataset_info
 from common.model import build_model, get_params
 from common.model_file import MODEL_FILE, load_model_file
 

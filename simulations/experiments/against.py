@@ -4,9 +4,10 @@
 
 Both folders are outputs of `simulations.experiments.compare` (their `report.csv`). For every cell
 they share (dataset, skew, method, epsilon, K) the paired difference NEW - OLD on the same (seed,
-test hospital, K-shot draw), as is and after each design's own chosen adaptation: mean over seeds,
-95% t-interval over seeds, share of pairs won (`compare.paired`). The same seeds give the same
-hospitals and draws, so the pairs are exact; the DP noise is not paired (it never comes from a seed).
+fold, reported hospital, K-shot draw), as is and after each design's own chosen adaptation: mean over
+training runs (seed x fold), 95% t-interval over runs, share of pairs won, smallest detectable
+difference (`compare.paired`). The same seeds and folds give the same hospitals and draws, so the
+pairs are exact; the DP noise is not paired (it never comes from a seed).
 Prints a Markdown table; `--out` also writes it as CSV.
 """
 
@@ -53,11 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.out:
         table.to_csv(args.out, index=False)
-    print("| dataset | α | method | ε | K | compared | Δ AUC (new − old) [95% CI over seeds] | pairs won | seeds |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| dataset | α | method | ε | K | compared | Δ AUC (new − old) [95% CI over runs] | detectable (80% power) "
+          "| pairs won | runs (seeds) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in table.sort_values(["dataset", "dirichlet_alpha", "method", "epsilon", "shots", "compared"]).itertuples():
         print(f"| {r.dataset} | {r.dirichlet_alpha:g} | {r.method} | {r.epsilon} | {r.shots} | {r.compared} | "
-              f"{r.d_auc:+.3f} [{r.ci95_lo:+.3f}, {r.ci95_hi:+.3f}] | {r.share_won:.0%} | {r.seeds} |")
+              f"{r.d_auc:+.3f} [{r.ci95_lo:+.3f}, {r.ci95_hi:+.3f}] | {r.mde80:.3f} | {r.share_won:.0%} | "
+              f"{r.units} ({r.seeds}) |")
     return 0
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from common.adaptation import AS_IS, choose_adaptation
-from server.run_config import APP_DIR as REPO_ROOT
+from app_tools.run_config import APP_DIR as REPO_ROOT
 from simulations.experiments.compare import CELL
 
 

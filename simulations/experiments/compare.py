@@ -7,14 +7,14 @@ The same functions as the Flower apps: every federated initialisation is trained
 `simulations.experiments.local_loop.meta_train` (the ClientApp's `train_round` and the strategy's
 `OuterOptimizer`, without the transport), every adaptation by `common.adaptation.score_grid`,
 and the adaptation is chosen by `common.adaptation.choose_adaptation` on the **validation**
-hospitals (`common.hospital.validation_hospitals`: the first half of the held-out hospitals), as
+hospitals (`common.held_out.validation_hospitals`: the first half of the held-out hospitals), as
 the server does. Scores are reported on the other held-out (**test**) hospitals only, before
 adaptation (theta as is) and after the chosen adaptation; each method gets its own choice.
 
 The experiment file (TOML):
 
     name = "..."; datasets = [...]; seeds = [...]; epsilons = [8, "inf"]; shots = [1, 5, 10]
-    draws = 3               # K-shot draws per held-out hospital (`common.hospital.kshot_draw` draws
+    draws = 3               # K-shot draws per held-out hospital (`common.held_out.kshot_draw` draws
                             # 0..draws-1; draw 0 is the split the apps score)  (all of the above are required)
     folds = 3               # optional (default 1): hospital-level cross-validation, `held-out-fold` 0..folds-1
                             # per seed (capped at num-hospitals // num-held-out for each dataset)
@@ -29,7 +29,7 @@ The experiment file (TOML):
     methods = ["fomaml", "fedavg"]  # optional: a subset of the methods by name (the hospital alone always runs)
     [quick]                 # what --quick replaces (seeds, epsilons, shots, methods, run-config, ...)
 
-Every other setting comes from pyproject's `[tool.flwr.app.config]` (`server.run_config.app_config`):
+Every other setting comes from pyproject's `[tool.flwr.app.config]` (`app_tools.run_config.app_config`):
 the harness has no defaults of its own.
 
 Outputs in DIR (default ``docs/results/<name>``; with ``--quick`` ``./<name>-quick`` in the current
@@ -55,7 +55,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from server.run_config import APP_DIR as REPO_ROOT, ConfigProblem, app_config, parse_overrides
+from app_tools.run_config import APP_DIR as REPO_ROOT, ConfigProblem, app_config, parse_overrides
 
 PREFIX = "[compare]"
 INF = math.inf
@@ -93,7 +93,7 @@ def load_experiment(path: Path, *, quick: bool) -> dict[str, Any]:
             raise ValueError(f"experiment file {path}: missing key {key!r}")
     if "query-cap" in raw:  # removed (issue 19): the apps score every query record, so the harness does too
         raise ValueError(f"experiment file {path}: 'query-cap' is no longer supported; every query record is "
-                         "scored, as in the apps (common.hospital.kshot_draw); remove the key")
+                         "scored, as in the apps (common.held_out.kshot_draw); remove the key")
     # the only defaults: the partition's skew from pyproject, no overrides
     raw.setdefault("dirichlet-alphas", [app_config()["dirichlet-alpha"]])
     raw.setdefault("folds", 1)
@@ -167,7 +167,9 @@ def train(method: Mapping[str, Any], rc: Mapping[str, Any], cache: Path | None, 
 
     from common.baselines import random_init, train_centralised
     from common.config import load_config
-    from common.hospital import new_model, noise_multiplier_for, sites_for
+    from common.run_model import new_model
+    from common.site_privacy import noise_multiplier_for
+    from common.sites import sites_for
     from simulations.experiments.local_loop import meta_train
 
     kind = method["kind"]
@@ -218,13 +220,14 @@ def score(theta, cfg, held, val_ids, shots, draws: int, seed: int, *, crossfit: 
     that choice alone (a test hospital's scores never influence the choice). With `crossfit` the test
     hospitals score the whole grid too, so that `choose_and_report` can also let them choose for the
     validation hospitals (each half's report still never sees its own scores). The K-shot sets are
-    `common.hospital.kshot_draw` draws 0..draws-1 (draw 0: the split the apps score), every query
+    `common.held_out.kshot_draw` draws 0..draws-1 (draw 0: the split the apps score), every query
     record scored, the same draws for every method.
     """
     import numpy as np
 
     from common.adaptation import AS_IS, choose_adaptation, finetune, score_grid
-    from common.hospital import kshot_sets, new_model
+    from common.held_out import kshot_sets
+    from common.run_model import new_model
     from common.maml import evaluate
 
     rows = []
@@ -278,7 +281,8 @@ def run(exp: Mapping[str, Any], *, cache: Path | None, only_dataset: str | None,
     import torch
 
     from common.config import load_config
-    from common.hospital import sites_for, validation_hospitals
+    from common.held_out import validation_hospitals
+    from common.sites import sites_for
 
     torch.set_num_threads(1)
     shots = [int(k) for k in exp["shots"]]
@@ -427,7 +431,7 @@ def render(exp, report, runs, pairs: dict[str, Any], command: str) -> str:
              "ε, K and seed on the **validation** hospitals; the table reports the **test** hospitals only "
              f"(seeds {list(exp['seeds'])}, hospital-level folds 0..{exp['folds'] - 1} per seed where the dataset "
              f"has them (`held-out-fold`), {exp['draws']} K-shot draws per held-out hospital, the same draws for "
-             f"every method, drawn by `common.hospital.kshot_draw`: draw 0 is the split the apps score; every "
+             f"every method, drawn by `common.held_out.kshot_draw`: draw 0 is the split the apps score; every "
              "query record scored"
              + ("; cross-fitted: each half of a fold's held-out hospitals chooses the adaptation for the other, "
                 "so every held-out hospital is reported once" if exp["crossfit"] else "") + "). "

@@ -8,7 +8,7 @@ Threat model: the server, which sees every update a hospital releases (θ − θ
 it joins). One training hospital (the *canary hospital*, default: the smallest, whose records are
 sampled most often) holds m gradient-space canaries, each included independently with probability
 1/2 (`common.canary_audit`). Training is the run's own: hospitals sampled per round as the strategy
-samples them, `common.hospital.train_round` with the product's clipping, unseeded noise and accounting,
+samples them, `common.local_round.train_round` with the product's clipping, unseeded noise and accounting,
 updates validated and aggregated by `simulations.experiments.local_loop.meta_train` itself (the
 audit observes every released update through its `on_release` hook); only rounds after the canary
 hospital's last round are skipped (they release nothing of it).
@@ -30,11 +30,12 @@ import math
 import shlex
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from server.run_config import APP_DIR as REPO_ROOT
-from server.run_config import ConfigProblem, parse_overrides, resolve_run_config, validate_run_config
+from app_tools.run_config import APP_DIR as REPO_ROOT
+from app_tools.run_config import ConfigProblem, parse_overrides, resolve_run_config, validate_run_config
 
 if TYPE_CHECKING:
     from common.config import Config
@@ -56,7 +57,7 @@ def _canary_setup(cfg, canary_hospital: int | None, num_canaries: int,
                   guess_fraction: float) -> tuple[list, int, int]:
     """(training sites, the canary hospital: given or the smallest, the number of guesses), checked."""
     from common.canary_audit import AuditError
-    from common.hospital import sites_for
+    from common.sites import sites_for
 
     training, _ = sites_for(cfg)
     ids = [s.hospital_id for s in training]
@@ -71,18 +72,53 @@ def _canary_setup(cfg, canary_hospital: int | None, num_canaries: int,
     return training, canary_hospital, num_guesses
 
 
+@dataclass(frozen=True)
+class _Verdict:
+    """The auditor's guesses from the canary scores, their count of correct ones and the bound on ε."""
+
+    num_canaries: int
+    num_guesses: int
+    scores: Any  # numpy float64, one per canary
+    included: Any  # numpy bool, one per canary
+    coordinates: Any
+    guesses: Any  # numpy, +1 'in', -1 'out', 0 no guess
+    correct: int
+    bound: float
+
+    def counts(self) -> dict[str, Any]:
+        return {"canaries": self.num_canaries, "canaries_included": int(self.included.sum()),
+                "guesses": self.num_guesses, "correct_guesses": self.correct}
+
+    def score_stats(self) -> dict[str, Any]:
+        s, inc = self.scores, self.included
+        return {"mean_score_included": float(s[inc].mean()) if inc.any() else None,
+                "mean_score_excluded": float(s[~inc].mean()) if (~inc).any() else None,
+                "std_score_excluded": float(s[~inc].std()) if (~inc).any() else None}
+
+    def per_canary(self) -> dict[str, list[Any]]:
+        return {"coordinate": self.coordinates.tolist(), "included": self.included.tolist(),
+                "score": self.scores.tolist(), "guess": self.guesses.tolist()}
+
+
+def _verdict(scores: Any, canaries: Any, num_guesses: int, *, delta: float, confidence: float) -> _Verdict:
+    """Guess 'in' for the top `num_guesses`/2 scores and 'out' for the bottom ones; the bound at `delta`."""
+    from common.canary_audit import count_correct, epsilon_lower_bound, guess
+
+    s = scores.numpy()
+    guesses = guess(s, num_guesses)
+    correct = count_correct(guesses, canaries.included)
+    num_canaries = len(canaries.coordinates)
+    bound = epsilon_lower_bound(num_canaries=num_canaries, num_guesses=num_guesses, num_correct=correct,
+                                delta=delta, confidence=confidence)
+    return _Verdict(num_canaries, num_guesses, s, canaries.included, canaries.coordinates, guesses, correct, bound)
+
+
 def run_audit(cfg: Config, *, num_canaries: int, guess_fraction: float, canary_hospital: int | None,
               audit_seed: int, confidence: float, canary_norm: float | None = None) -> dict[str, Any]:
     """Train with canaries at one hospital, score and guess them, and return the audit record."""
-    import torch
-
-    from common.canary_audit import (
-        AuditError, canary_per_sample_fn, count_correct, draw_canaries, epsilon_lower_bound, flatten, guess,
-        with_canaries,
-    )
-    from common.hospital import new_model, noise_multiplier_for, site_sample_rate
+    from common.canary_audit import AuditError, draw_canaries, with_canaries
+    from common.run_model import new_model
     from common.model import get_params
-    from simulations.experiments.local_loop import meta_train, participation
 
     if not cfg.first_order:
         raise AuditError("algorithm 'maml' differentiates through the inner loop, so a record's gradient is not a "
@@ -100,15 +136,30 @@ def run_audit(cfg: Config, *, num_canaries: int, guess_fraction: float, canary_h
     pos = [s.hospital_id for s in training].index(canary_hospital)
     real_records = training[pos].num_records
     training[pos] = with_canaries(training[pos], canaries)
+    scores, released, run, last_round = _train_and_score(cfg, training, pos, canaries, canary_hospital)
+    verdict = _verdict(scores, canaries, num_guesses, delta=cfg.target_delta, confidence=confidence)
+    return _audit_record(cfg, verdict, run, confidence=confidence, norm=norm, canary_hospital=canary_hospital,
+                         real_records=real_records, n_total=training[pos].num_records, last_round=last_round,
+                         released=released, audit_seed=audit_seed, t0=t0)
+
+
+def _train_and_score(cfg: Config, training: list, pos: int, canaries: Any,
+                     canary_hospital: int) -> tuple[Any, int, Any, int]:
+    """The run, up to the canary hospital's last round, with the server's view of it: the canary scores
+    (summed over the canary hospital's released updates), how many it released, the run, that last round."""
+    import torch
+
+    from common.canary_audit import AuditError, canary_per_sample_fn, flatten
+    from simulations.experiments.local_loop import meta_train, participation
+
     per_sample_fn = canary_per_sample_fn(canaries)
     coords = torch.as_tensor(canaries.coordinates)
-
     schedule = participation(cfg, len(training))
     joined = [rnd for rnd, chosen in enumerate(schedule, 1) if pos in chosen]
     if not joined:
         raise AuditError(f"hospital {canary_hospital} is never sampled in {cfg.num_server_rounds} rounds; "
                          "raise num-server-rounds or clients-per-round")
-    scores = torch.zeros(num_canaries, dtype=torch.float64)
+    scores = torch.zeros(len(canaries.coordinates), dtype=torch.float64)
     released = 0
 
     def observe(rnd: int, i: int, out) -> None:  # the server sees it whether or not it then passes validation
@@ -119,15 +170,16 @@ def run_audit(cfg: Config, *, num_canaries: int, guess_fraction: float, canary_h
             print(f"[audit] round {rnd}/{joined[-1]}: update {released} of the canary hospital released", flush=True)
 
     run = meta_train(cfg, training, rounds=joined[-1], per_sample_fns={pos: per_sample_fn}, on_release=observe)
-    ledgers, declined = run.ledgers, run.declined
+    return scores, released, run, joined[-1]
 
-    guesses = guess(scores.numpy(), num_guesses)
-    correct = count_correct(guesses, canaries.included)
-    bound = epsilon_lower_bound(num_canaries=num_canaries, num_guesses=num_guesses, num_correct=correct,
-                                delta=cfg.target_delta, confidence=confidence)
-    n_total = training[pos].num_records
-    inc = canaries.included
-    s = scores.numpy()
+
+def _audit_record(cfg: Config, v: _Verdict, run: Any, *, confidence: float, norm: float, canary_hospital: int,
+                  real_records: int, n_total: int, last_round: int, released: int, audit_seed: int,
+                  t0: float) -> dict[str, Any]:
+    """The benign audit's record (audit.json)."""
+    from common.site_privacy import noise_multiplier_for, site_sample_rate
+
+    g, inc = v.guesses, v.included
     facts: dict[str, Any] = {}
     if cfg.dp:
         facts = {"noise_multiplier": noise_multiplier_for(cfg, n_total),
@@ -135,29 +187,24 @@ def run_audit(cfg: Config, *, num_canaries: int, guess_fraction: float, canary_h
                  "dp_steps": cfg.gradient_steps_per_round * released}
     return {
         "dp": cfg.dp,
-        "claimed_epsilon": ledgers[canary_hospital].epsilon() if cfg.dp else None,
+        "claimed_epsilon": run.ledgers[canary_hospital].epsilon() if cfg.dp else None,
         "target_epsilon": cfg.target_epsilon if cfg.dp else None,
         "delta": cfg.target_delta,
-        "empirical_epsilon_lower_bound": bound,
+        "empirical_epsilon_lower_bound": v.bound,
         "confidence": confidence,
-        "canaries": num_canaries,
-        "canaries_included": int(inc.sum()),
-        "guesses": num_guesses,
-        "correct_guesses": correct,
-        "guesses_in": int((guesses == 1).sum()),
-        "correct_in": int(((guesses == 1) & inc).sum()),
-        "guesses_out": int((guesses == -1).sum()),
-        "correct_out": int(((guesses == -1) & ~inc).sum()),
-        "mean_score_included": float(s[inc].mean()) if inc.any() else None,
-        "mean_score_excluded": float(s[~inc].mean()) if (~inc).any() else None,
-        "std_score_excluded": float(s[~inc].std()) if (~inc).any() else None,
+        **v.counts(),
+        "guesses_in": int((g == 1).sum()),
+        "correct_in": int(((g == 1) & inc).sum()),
+        "guesses_out": int((g == -1).sum()),
+        "correct_out": int(((g == -1) & ~inc).sum()),
+        **v.score_stats(),
         "canary_norm": norm,
         "canary_hospital": canary_hospital,
         "canary_hospital_records": real_records,
         "records_with_canaries": n_total,
-        "rounds_run": joined[-1],
+        "rounds_run": last_round,
         "rounds_released": released,
-        "rounds_declined_all_hospitals": declined,
+        "rounds_declined_all_hospitals": run.declined,
         "num_server_rounds": cfg.num_server_rounds,
         **facts,
         "algorithm": cfg.algorithm.value,
@@ -165,8 +212,7 @@ def run_audit(cfg: Config, *, num_canaries: int, guess_fraction: float, canary_h
         "audit_seed": audit_seed,
         "threat_model": THREAT_MODEL,
         "seconds": round(time.perf_counter() - t0, 1),
-        "per_canary": {"coordinate": canaries.coordinates.tolist(), "included": inc.tolist(),
-                       "score": s.tolist(), "guess": guesses.tolist()},
+        "per_canary": v.per_canary(),
     }
 
 
@@ -194,18 +240,10 @@ def run_adversarial_audit(cfg: Config, *, num_canaries: int, guess_fraction: flo
     Only the canary hospital is trained: the server sends it crafted weights every round (nothing it
     aggregates matters to the attack). `steps` per round default to the policy's steps-per-round-limit.
     """
-    import dataclasses
-
-    import torch
-    from torch.func import functional_call
-
-    from common.canary_audit import (
-        CRAFTED_KINDS, AuditError, canary_per_sample_fn, count_correct, craft_theta, draw_canaries,
-        epsilon_lower_bound, flatten, guess, with_canaries,
-    )
-    from common.hospital import new_model, noise_multiplier_for, site_sample_rate, train_round
+    from common.canary_audit import AuditError, canary_per_sample_fn, draw_canaries, with_canaries
+    from common.run_model import new_model
     from common.model import get_params
-    from common.policy import Refusal, check_train, check_weights, parse_node_config
+    from common.policy import parse_node_config
     from common.privacy import PrivacyLedger
 
     if not cfg.dp:
@@ -215,12 +253,38 @@ def run_adversarial_audit(cfg: Config, *, num_canaries: int, guess_fraction: flo
     t0 = time.perf_counter()
     training, canary_hospital, num_guesses = _canary_setup(cfg, canary_hospital, num_canaries, guess_fraction)
     site = next(s for s in training if s.hospital_id == canary_hospital)
-    real_records = site.num_records
 
     # the hospital's policy: a deployed training hospital with the default limits
     policy = parse_node_config({"hospital-id": canary_hospital, "role": "training", "ledger-dir": "(audit)",
                                 "max-epsilon": cfg.target_epsilon, "max-delta": cfg.target_delta,
-                                "public-num-records": real_records}, cfg)
+                                "public-num-records": site.num_records}, cfg)
+    adv = _adversarial_config(cfg, policy, steps=steps, batch_size=batch_size)
+    model = new_model(adv, site.info)
+    benign = get_params(model)
+    num_params = sum(v.numel() for v in benign.values())
+    canaries = draw_canaries(num_canaries, num_params, norm=adv.max_grad_norm, seed=audit_seed)
+    full = with_canaries(site, canaries)
+    attack = _Attack(adv=adv, policy=policy, model=model, benign=benign, canaries=canaries, site=site, full=full,
+                     per_sample_fn=canary_per_sample_fn(canaries), ledger=PrivacyLedger(delta=adv.target_delta),
+                     audit_seed=audit_seed)
+    attack.start(num_canaries)
+    attack.probe_configs()
+    for rnd in range(1, adv.num_server_rounds + 1):
+        attack.probe_weights(rnd)
+        attack.play_round(rnd)
+    if not attack.released:
+        raise AuditError("the canary hospital released nothing")
+    verdict = _verdict(attack.scores, canaries, num_guesses, delta=adv.target_delta, confidence=confidence)
+    return _adversarial_record(attack, verdict, confidence=confidence, canary_hospital=canary_hospital, t0=t0)
+
+
+def _adversarial_config(cfg: Config, policy: Any, *, steps: int | None, batch_size: int) -> Config:
+    """The malicious server's run config: every knob at the canary hospital's policy bound (checked)."""
+    import dataclasses
+
+    from common.canary_audit import AuditError
+    from common.policy import check_train
+
     gpe = cfg.gradients_per_episode
     steps = int(policy.steps_per_round_limit if steps is None else min(steps, policy.steps_per_round_limit))
     if steps < gpe:
@@ -229,58 +293,99 @@ def run_adversarial_audit(cfg: Config, *, num_canaries: int, guess_fraction: flo
                               batch_size=int(min(batch_size, policy.batch_size_limit)), local_meta_steps=steps // gpe,
                               clients_per_round=cfg.num_training_hospitals, noise_multiplier=0.0)
     check_train(policy, adv, ledger_has_charges=False)  # the chosen config is within the policy
-    refusals: dict[str, int] = {}
+    return adv
 
-    def refused(err: Refusal) -> None:
-        refusals[err.code] = refusals.get(err.code, 0) + 1
 
-    probes = {"max-grad-norm": dict(max_grad_norm=2 * policy.grad_norm_limit),
-              "loss-clip": dict(loss_clip=2 * policy.loss_clip_limit),
-              "steps-per-round": dict(local_meta_steps=int(policy.steps_per_round_limit) // gpe + 1),
-              "batch-size": dict(batch_size=int(policy.batch_size_limit) + 1)}
-    config_probes_accepted = []
-    for key, change in probes.items():
-        try:
-            check_train(policy, dataclasses.replace(adv, **change), ledger_has_charges=False)
-            config_probes_accepted.append(key)
-        except Refusal as err:
-            refused(err)
-    if config_probes_accepted:
-        print(f"[audit] BUG: the policy accepted over-limit config(s) {config_probes_accepted}", flush=True)
+@dataclass
+class _Attack:
+    """The malicious server's rounds against the canary hospital, and the tallies the record reports."""
 
-    model = new_model(adv, site.info)
-    benign = get_params(model)
-    num_params = sum(v.numel() for v in benign.values())
-    canaries = draw_canaries(num_canaries, num_params, norm=adv.max_grad_norm, seed=audit_seed)
-    full = with_canaries(site, canaries)
-    fn = canary_per_sample_fn(canaries)
-    coords = torch.as_tensor(canaries.coordinates)
-    ledger = PrivacyLedger(delta=adv.target_delta)
-    target_x, target_y = site.x[0], int(site.y[0])  # the record the 'threshold' weights single out
-    scores = torch.zeros(num_canaries, dtype=torch.float64)
-    rounds, released, declined, nonfinite_releases = [], 0, 0, 0
-    for rnd in range(1, adv.num_server_rounds + 1):
-        for kind in ("over-limit", "non-finite"):  # refusals cost the hospital nothing, so the server probes
+    adv: Any
+    policy: Any
+    model: Any
+    benign: Any
+    canaries: Any
+    site: Any
+    full: Any
+    per_sample_fn: Any
+    ledger: Any
+    audit_seed: int
+    refusals: dict[str, int] = field(default_factory=dict)
+    config_probes_accepted: list[str] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    released: int = 0
+    declined: int = 0
+    nonfinite_releases: int = 0
+    scores: Any = None
+    coords: Any = None
+
+    def start(self, num_canaries: int) -> None:
+        import torch
+
+        self.coords = torch.as_tensor(self.canaries.coordinates)
+        self.scores = torch.zeros(num_canaries, dtype=torch.float64)
+
+    def refused(self, err: Any) -> None:
+        self.refusals[err.code] = self.refusals.get(err.code, 0) + 1
+
+    def probe_configs(self) -> None:
+        """Over-limit configs, each of which the policy must refuse."""
+        import dataclasses
+
+        from common.policy import Refusal, check_train
+
+        policy, gpe = self.policy, self.adv.gradients_per_episode
+        probes = {"max-grad-norm": dict(max_grad_norm=2 * policy.grad_norm_limit),
+                  "loss-clip": dict(loss_clip=2 * policy.loss_clip_limit),
+                  "steps-per-round": dict(local_meta_steps=int(policy.steps_per_round_limit) // gpe + 1),
+                  "batch-size": dict(batch_size=int(policy.batch_size_limit) + 1)}
+        for key, change in probes.items():
             try:
-                check_weights(policy, craft_theta(kind, benign, weight_limit=policy.weight_limit))
-                print(f"[audit] BUG: the policy accepted {kind} weights in round {rnd}", flush=True)
-                rounds.append({"round": rnd, "kind": kind, "accepted": True})
+                check_train(policy, dataclasses.replace(self.adv, **change), ledger_has_charges=False)
+                self.config_probes_accepted.append(key)
             except Refusal as err:
-                refused(err)
+                self.refused(err)
+        if self.config_probes_accepted:
+            print(f"[audit] BUG: the policy accepted over-limit config(s) {self.config_probes_accepted}", flush=True)
+
+    def probe_weights(self, rnd: int) -> None:
+        """Over-limit and non-finite weights: refusals cost the hospital nothing, so the server probes."""
+        from common.canary_audit import craft_theta
+        from common.policy import Refusal, check_weights
+
+        for kind in ("over-limit", "non-finite"):
+            try:
+                check_weights(self.policy, craft_theta(kind, self.benign, weight_limit=self.policy.weight_limit))
+                print(f"[audit] BUG: the policy accepted {kind} weights in round {rnd}", flush=True)
+                self.rounds.append({"round": rnd, "kind": kind, "accepted": True})
+            except Refusal as err:
+                self.refused(err)
+
+    def play_round(self, rnd: int) -> None:
+        """Crafted weights within the limit; when accepted, a real training round and its released update."""
+        import torch
+        from torch.func import functional_call
+
+        from common.canary_audit import CRAFTED_KINDS, craft_theta, flatten
+        from common.local_round import train_round
+        from common.policy import Refusal, check_weights
+
+        adv, site = self.adv, self.site
         kind = CRAFTED_KINDS[(rnd - 1) % len(CRAFTED_KINDS)]
-        theta = craft_theta(kind, benign, weight_limit=0.999 * policy.weight_limit, model=model, target=target_x,
-                            target_label=target_y, protect=canaries.coordinates, seed=audit_seed * 100_003 + rnd)
+        theta = craft_theta(kind, self.benign, weight_limit=0.999 * self.policy.weight_limit, model=self.model,
+                            target=site.x[0], target_label=int(site.y[0]),  # the record 'threshold' singles out
+                            protect=self.canaries.coordinates, seed=self.audit_seed * 100_003 + rnd)
         try:
-            check_weights(policy, theta)
+            check_weights(self.policy, theta)
         except Refusal as err:
-            refused(err)
-            rounds.append({"round": rnd, "kind": kind, "accepted": False, "refusal": err.code})
-            continue
+            self.refused(err)
+            self.rounds.append({"round": rnd, "kind": kind, "accepted": False, "refusal": err.code})
+            return
         with torch.no_grad():  # the auditor's view of how extreme the weights are on the real records
-            logits = functional_call(model, theta, (site.x,))
+            logits = functional_call(self.model, theta, (site.x,))
             losses = torch.nn.functional.cross_entropy(logits.double(), site.y.long(), reduction="none")
         finite = torch.isfinite(losses)
-        out = train_round(adv, full, theta, ledger=ledger, server_round=rnd, per_sample_fn=fn)
+        out = train_round(adv, self.full, theta, ledger=self.ledger, server_round=rnd, per_sample_fn=self.per_sample_fn)
         entry = {"round": rnd, "kind": kind, "accepted": True,
                  "max_abs_weight": max(float(v.abs().max()) for v in theta.values()),
                  "max_record_loss": float(losses[finite].max()) if finite.any() else None,
@@ -288,53 +393,48 @@ def run_adversarial_audit(cfg: Config, *, num_canaries: int, guess_fraction: flo
                  "records_nonfinite_loss": int((~finite).sum()),
                  "records_loss_above_clip": int((losses > adv.loss_clip).sum())}
         if out.update is None:
-            declined += 1
-            rounds.append(entry | {"declined": out.declined})
-            continue
+            self.declined += 1
+            self.rounds.append(entry | {"declined": out.declined})
+            return
         g = flatten(out.update.delta).double()
         ok = bool(torch.isfinite(g).all()) and math.isfinite(float(out.update.loss))
         if not ok:
-            nonfinite_releases += 1
+            self.nonfinite_releases += 1
             print(f"[audit] BUG: round {rnd} ({kind}) released a non-finite update or loss", flush=True)
-        scores += torch.nan_to_num(g[coords], nan=0.0, posinf=0.0, neginf=0.0)
-        released += 1
-        rounds.append(entry | {"released_loss": float(out.update.loss), "update_norm": float(g.norm()),
-                               "release_finite": ok})
+        self.scores += torch.nan_to_num(g[self.coords], nan=0.0, posinf=0.0, neginf=0.0)
+        self.released += 1
+        self.rounds.append(entry | {"released_loss": float(out.update.loss), "update_norm": float(g.norm()),
+                                    "release_finite": ok})
         print(f"[audit] round {rnd}/{adv.num_server_rounds}: {kind} weights accepted, update released "
-              f"(max record loss {entry['max_record_loss']}, epsilon so far {ledger.epsilon():.3f})", flush=True)
-    if not released:
-        raise AuditError("the canary hospital released nothing")
+              f"(max record loss {entry['max_record_loss']}, epsilon so far {self.ledger.epsilon():.3f})", flush=True)
 
-    guesses = guess(scores.numpy(), num_guesses)
-    correct = count_correct(guesses, canaries.included)
-    bound = epsilon_lower_bound(num_canaries=num_canaries, num_guesses=num_guesses, num_correct=correct,
-                                delta=adv.target_delta, confidence=confidence)
-    claimed = ledger.epsilon()
-    inc, s = canaries.included, scores.numpy()
-    accepted = [r for r in rounds if r.get("accepted")]
+
+def _adversarial_record(attack: _Attack, v: _Verdict, *, confidence: float, canary_hospital: int,
+                        t0: float) -> dict[str, Any]:
+    """The adversarial audit's record (audit.json)."""
+    from common.site_privacy import noise_multiplier_for, site_sample_rate
+
+    adv, policy, full = attack.adv, attack.policy, attack.full
+    claimed = attack.ledger.epsilon()
+    accepted = [r for r in attack.rounds if r.get("accepted")]
     return {
         "adversarial": True,
         "dp": True,
         "claimed_epsilon": claimed,
         "target_epsilon": adv.target_epsilon,
         "delta": adv.target_delta,
-        "empirical_epsilon_lower_bound": bound,
-        "bound_exceeds_claim": bool(bound > claimed),
+        "empirical_epsilon_lower_bound": v.bound,
+        "bound_exceeds_claim": bool(v.bound > claimed),
         "confidence": confidence,
-        "canaries": num_canaries,
-        "canaries_included": int(inc.sum()),
-        "guesses": num_guesses,
-        "correct_guesses": correct,
-        "mean_score_included": float(s[inc].mean()) if inc.any() else None,
-        "mean_score_excluded": float(s[~inc].mean()) if (~inc).any() else None,
-        "std_score_excluded": float(s[~inc].std()) if (~inc).any() else None,
-        "refusals": refusals,
-        "over_limit_configs_accepted": config_probes_accepted,
+        **v.counts(),
+        **v.score_stats(),
+        "refusals": attack.refusals,
+        "over_limit_configs_accepted": attack.config_probes_accepted,
         "crafted_weights_accepted": len(accepted),
         "crafted_kinds_released": sorted({r["kind"] for r in accepted if "update_norm" in r}),
-        "rounds_released": released,
-        "rounds_declined_budget": declined,
-        "nonfinite_releases": nonfinite_releases,
+        "rounds_released": attack.released,
+        "rounds_declined_budget": attack.declined,
+        "nonfinite_releases": attack.nonfinite_releases,
         "adversarial_config": {"max-grad-norm": adv.max_grad_norm, "loss-clip": adv.loss_clip,
                                "batch-size": adv.batch_size, "steps-per-round": adv.gradient_steps_per_round,
                                "num-server-rounds": adv.num_server_rounds,
@@ -342,16 +442,15 @@ def run_adversarial_audit(cfg: Config, *, num_canaries: int, guess_fraction: flo
         "noise_multiplier": noise_multiplier_for(adv, full.num_records),
         "sample_rate": site_sample_rate(adv, full.num_records),
         "canary_hospital": canary_hospital,
-        "canary_hospital_records": real_records,
+        "canary_hospital_records": attack.site.num_records,
         "records_with_canaries": full.num_records,
         "algorithm": adv.algorithm.value,
         "dataset": adv.dataset,
-        "audit_seed": audit_seed,
+        "audit_seed": attack.audit_seed,
         "threat_model": ADVERSARIAL_THREAT_MODEL,
         "seconds": round(time.perf_counter() - t0, 1),
-        "per_round": rounds,
-        "per_canary": {"coordinate": canaries.coordinates.tolist(), "included": inc.tolist(),
-                       "score": s.tolist(), "guess": guesses.tolist()},
+        "per_round": attack.rounds,
+        "per_canary": v.per_canary(),
     }
 
 
@@ -419,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from common.canary_audit import AuditError
-    from common.data import DataError
+    from common.medmnist import DataError
     from common.privacy import PrivacyError
 
     torch.set_num_threads(1)

@@ -28,11 +28,13 @@ import client.app as client_mod
 from client.ledger import main as ledger_cli
 from common import protocol as P
 from common.config import load_config
-from common.data import load_medmnist
-from common.hospital import Site, new_model, site_sample_rate
+from common.medmnist import load_medmnist
+from common.run_model import new_model
+from common.site_privacy import site_sample_rate
+from common.sites import Site
 from common.model import get_params
 from common.reply_timing import padded_batch, reference_step_seconds
-from server.run_config import app_config
+from app_tools.run_config import app_config
 from server.strategy import to_array_record
 
 PUBLIC = 159

@@ -44,7 +44,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from server.run_config import APP_DIR, ConfigProblem, resolve_run_config, validate_run_config
+from app_tools.run_config import APP_DIR, ConfigProblem, resolve_run_config, validate_run_config
 from simulations.run import flower_env
 
 SUMMARY_FILE = "summary.json"
@@ -78,16 +78,17 @@ class Interrupted(BaseException):
 def check_data(cfg: Any) -> str:
     """Resolve the run's MedMNIST file once and check that the run can train on it; return a summary line.
 
-    Loads `<data-dir>/<dataset>[_<size>].npz` with `common.data.load_medmnist`, which downloads a missing
+    Loads `<data-dir>/<dataset>[_<size>].npz` with `common.medmnist.load_medmnist`, which downloads a missing
     file (MD5-checked, atomic) when `download` is true. A file that is there but unusable (corrupt, not
     the official format) is replaced the same way when `download` is true, and otherwise refused. Then
     splits the records into the run's hospitals and checks that the smallest training hospital can meet
-    the privacy target (`common.hospital.check_privacy_budget`, as `prepare_hospitals` does). Every
+    the privacy target (`common.site_privacy.check_privacy_budget`, as `prepare_hospitals` does). Every
     problem raises `ConfigProblem` with a one-paragraph message naming the file, the folder and the URL
     where they matter. Imports torch: call it in a child process (`--check`), not in the launcher.
     """
-    from common import data as D  # noqa: PLC0415 - heavy (torch); only in the --check child
-    from common.hospital import check_privacy_budget, hospital_indices  # noqa: PLC0415
+    from common import medmnist as D  # noqa: PLC0415 - heavy (torch); only in the --check child
+    from common.site_privacy import check_privacy_budget  # noqa: PLC0415
+    from common.sites import hospital_indices  # noqa: PLC0415
     from common.privacy import PrivacyError  # noqa: PLC0415
 
     try:
@@ -131,7 +132,7 @@ def check_data_in_child(app_dir: Path, run_config_args: Sequence[str] | None, ti
 def check_only(args: argparse.Namespace) -> int:
     """`--check`: resolve the config and the data, start nothing. 0 if the run can start, else 2 and
     one paragraph on stderr (130 if interrupted, without a traceback)."""
-    data_log = logging.getLogger("common.data")  # "Downloading <url> to <path>" while it happens
+    data_log = logging.getLogger("common.medmnist")  # "Downloading <url> to <path>" while it happens
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(f"{PREFIX} %(message)s"))
     data_log.addHandler(handler)
@@ -342,17 +343,9 @@ def launch(args: argparse.Namespace, started_at: float) -> tuple[int, str | None
         print("error: --num-cpus must be >= 1", file=sys.stderr, flush=True)
         return EXIT_CONFIG, None, None
     deadline = time.monotonic() + args.timeout if args.timeout else None
-    _say(f"checking the data in {fused['data-dir']} ...")
-    try:
-        code = check_data_in_child(app_dir, args.run_config, args.timeout)
-    except subprocess.TimeoutExpired:
-        return EXIT_RUN_FAILED, "timed out (--timeout) while checking the data", None
-    except KeyboardInterrupt:
-        return 128 + signal.SIGINT, "interrupted by SIGINT while checking the data", None
-    if code == EXIT_CONFIG:
-        return EXIT_CONFIG, None, None
-    if code != EXIT_OK:
-        return EXIT_LAUNCH, f"checking the data failed (exit code {code})", None
+    refused = _check_data_first(app_dir, fused, args)
+    if refused is not None:
+        return refused
 
     results_dir = Path(fused["results-dir"])
     summary_path = results_dir / SUMMARY_FILE
@@ -369,7 +362,33 @@ def launch(args: argparse.Namespace, started_at: float) -> tuple[int, str | None
     flwr = flower_env.flwr_executable()
     if flwr is None:
         return EXIT_LAUNCH, "the `flwr` CLI was not found next to this Python nor on PATH", summary_path
+    return _run_in_flower_home(args, app_dir, flwr, cfg, overrides, results_dir=results_dir, deadline=deadline,
+                               started_at=started_at, before=before)
 
+
+def _check_data_first(app_dir: Path, fused: Mapping[str, Any],
+                      args: argparse.Namespace) -> tuple[int, str | None, None] | None:
+    """The data check in a child process; None when it passed, else what `launch` returns."""
+    _say(f"checking the data in {fused['data-dir']} ...")
+    try:
+        code = check_data_in_child(app_dir, args.run_config, args.timeout)
+    except subprocess.TimeoutExpired:
+        return EXIT_RUN_FAILED, "timed out (--timeout) while checking the data", None
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT, "interrupted by SIGINT while checking the data", None
+    if code == EXIT_CONFIG:
+        return EXIT_CONFIG, None, None
+    if code != EXIT_OK:
+        return EXIT_LAUNCH, f"checking the data failed (exit code {code})", None
+    return None
+
+
+def _run_in_flower_home(
+    args: argparse.Namespace, app_dir: Path, flwr: str, cfg: Any, overrides: Mapping[str, Any], *,
+    results_dir: Path, deadline: float | None, started_at: float, before: os.stat_result | None,
+) -> tuple[int, str | None, Path | None]:
+    """`flwr run` against a throwaway local SuperLink; always stops every process it started."""
+    summary_path = results_dir / SUMMARY_FILE
     home: flower_env.FlowerHome | None = None
     env: dict[str, str] = {}
     proc: subprocess.Popen[bytes] | None = None
@@ -382,47 +401,12 @@ def launch(args: argparse.Namespace, started_at: float) -> tuple[int, str | None
         env = home.env()
         if deadline is not None:
             signal.setitimer(signal.ITIMER_REAL, max(deadline - time.monotonic(), 0.01))
-        overrides_file = home.path / "run-config.toml"
-        write_overrides_toml(overrides, overrides_file)
-        fed = federation_config(cfg.num_hospitals, args.num_cpus)
-        cmd = [flwr, "run", str(app_dir), "--stream"]
-        cmd += ["--run-config", str(overrides_file), "--federation-config", fed]
-        _say(f"app: {app_dir}")
-        _say(f"FLWR_HOME: {home.path} (local SuperLink on {home.address})")
-        _say(f"run-config overrides: {overrides_as_cli(overrides)}")
-        _say(f"federation-config: {fed}")
-        _say(f"results-dir: {results_dir}")
-        proc = subprocess.Popen(  # noqa: S603
-            cmd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            # The SuperLink, flwr-simulation and Ray inherit this cwd, and Ray puts the driver's
-            # cwd first on its workers' sys.path: a cwd with another `client` package would
-            # shadow the app's. Paths in the run config are absolute already.
-            cwd=str(app_dir),
-            start_new_session=True,  # Ctrl-C reaches only us; we stop the run properly
-        )
+        proc = _start_flwr_run(flwr, app_dir, home, env, overrides, num_hospitals=cfg.num_hospitals,
+                               num_cpus=args.num_cpus, results_dir=results_dir)
         _stream(proc, strip_ansi=not sys.stdout.isatty(), tail=tail, state=state)
         rc = proc.wait()
         signal.setitimer(signal.ITIMER_REAL, 0)
-        run_id = state.get("run_id")
-        if rc != 0:
-            last = tail[-1] if tail else "no output"
-            code = EXIT_LAUNCH if run_id is None else EXIT_RUN_FAILED
-            return code, f"flwr run exited with code {rc}: {last}", summary_path
-        if run_id is None:
-            last = tail[-1] if tail else "no output"
-            return EXIT_LAUNCH, f"flwr run did not start a run: {last}", summary_path
-        status, details = run_status(flwr, run_id, env)
-        if status and status != "finished:completed":
-            why = f" ({details})" if details else ""
-            return EXIT_RUN_FAILED, f"run {run_id} ended as {status}{why}", summary_path
-        problem = check_summary(results_dir, started_at, before)
-        if problem:
-            return EXIT_RUN_FAILED, f"run {run_id}: {problem}", summary_path
-        return EXIT_OK, None, summary_path
+        return _outcome(flwr, rc, state.get("run_id"), tail, env, results_dir, started_at, before)
     except Interrupted as intr:
         _ignore_signals()
         _say(f"{intr.reason}; stopping the run ...", err=True)
@@ -432,20 +416,74 @@ def launch(args: argparse.Namespace, started_at: float) -> tuple[int, str | None
         _ignore_signals()
         flower_env.stop_popen(proc, grace=5)
         if home is not None:
-            t_clean = time.monotonic()
-            # As a subreaper every process of the launch stays our descendant; the flwr CLI and
-            # its subprocess.run siblings have been waited for already.
-            killed = flower_env.stop_processes_of_home(
-                home, descendants_of_pid=os.getpid() if subreaper else None
-            )
-            if args.keep_home:
-                _say(f"kept FLWR_HOME {home.path}")
-            else:
-                flower_env.remove_flower_home(home)
-            _say(f"stopped {len(killed)} Flower/Ray process(es) in {time.monotonic() - t_clean:.1f}s")
+            _clean_home(home, keep=args.keep_home, subreaper=subreaper)
         flower_env.become_subreaper(False)
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
+
+
+def _start_flwr_run(flwr: str, app_dir: Path, home: flower_env.FlowerHome, env: Mapping[str, str],
+                    overrides: Mapping[str, Any], *,
+                    num_hospitals: int, num_cpus: int, results_dir: Path) -> subprocess.Popen[bytes]:
+    """Write the overrides into FLWR_HOME and start `flwr run --stream` in its own session."""
+    overrides_file = home.path / "run-config.toml"
+    write_overrides_toml(overrides, overrides_file)
+    fed = federation_config(num_hospitals, num_cpus)
+    cmd = [flwr, "run", str(app_dir), "--stream"]
+    cmd += ["--run-config", str(overrides_file), "--federation-config", fed]
+    _say(f"app: {app_dir}")
+    _say(f"FLWR_HOME: {home.path} (local SuperLink on {home.address})")
+    _say(f"run-config overrides: {overrides_as_cli(overrides)}")
+    _say(f"federation-config: {fed}")
+    _say(f"results-dir: {results_dir}")
+    return subprocess.Popen(  # noqa: S603
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        # The SuperLink, flwr-simulation and Ray inherit this cwd, and Ray puts the driver's
+        # cwd first on its workers' sys.path: a cwd with another `client` package would
+        # shadow the app's. Paths in the run config are absolute already.
+        cwd=str(app_dir),
+        start_new_session=True,  # Ctrl-C reaches only us; we stop the run properly
+    )
+
+
+def _outcome(flwr: str, rc: int, run_id: str | None, tail: deque[str], env: Mapping[str, str], results_dir: Path,
+             started_at: float, before: os.stat_result | None) -> tuple[int, str | None, Path]:
+    """What `flwr run` exiting with `rc` means: the exit code, the reason for a failure, the summary path."""
+    summary_path = results_dir / SUMMARY_FILE
+    if rc != 0:
+        last = tail[-1] if tail else "no output"
+        code = EXIT_LAUNCH if run_id is None else EXIT_RUN_FAILED
+        return code, f"flwr run exited with code {rc}: {last}", summary_path
+    if run_id is None:
+        last = tail[-1] if tail else "no output"
+        return EXIT_LAUNCH, f"flwr run did not start a run: {last}", summary_path
+    status, details = run_status(flwr, run_id, env)
+    if status and status != "finished:completed":
+        why = f" ({details})" if details else ""
+        return EXIT_RUN_FAILED, f"run {run_id} ended as {status}{why}", summary_path
+    problem = check_summary(results_dir, started_at, before)
+    if problem:
+        return EXIT_RUN_FAILED, f"run {run_id}: {problem}", summary_path
+    return EXIT_OK, None, summary_path
+
+
+def _clean_home(home: flower_env.FlowerHome, *, keep: bool, subreaper: bool) -> None:
+    """Stop every Flower/Ray process of this FLWR_HOME, then remove it (unless --keep-home)."""
+    t_clean = time.monotonic()
+    # As a subreaper every process of the launch stays our descendant; the flwr CLI and
+    # its subprocess.run siblings have been waited for already.
+    killed = flower_env.stop_processes_of_home(
+        home, descendants_of_pid=os.getpid() if subreaper else None
+    )
+    if keep:
+        _say(f"kept FLWR_HOME {home.path}")
+    else:
+        flower_env.remove_flower_home(home)
+    _say(f"stopped {len(killed)} Flower/Ray process(es) in {time.monotonic() - t_clean:.1f}s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""A site's operating point (its decision rule) and the clinical metrics of a scored set.
+"""A site's operating point: how it turns class probabilities into a decision.
 
 The decision threshold is chosen from the site's labelled support set alone, never from the cases
 it will be judged on:
@@ -16,8 +16,7 @@ it will be judged on:
 - multi-class and ordinal tasks: argmax, optionally prior-corrected with stated per-class prevalences.
 
 `OperatingPoint` records the rule and the figures it rests on; it is stored in the model card
-(`"threshold"`) and applied by `decide`. `clinical_metrics` and `plot_roc_reliability` score a set of
-predicted probabilities against known labels.
+(`"threshold"`) and applied by `decide`.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,9 +31,12 @@ import torch
 from torch import nn
 
 from common.adaptation import adapt_params
-from common.files import atomic_write
-from common.data import MedMNISTData
-from common.maml import EVAL_CHUNK, Params, class_probabilities, predict_logits, roc_auc
+from common.maml import Params, class_probabilities, predict_logits, roc_auc
+
+__all__ = [
+    "OperatingPoint", "OperatingPointError", "argmax_point", "bayes_threshold", "choose_threshold",
+    "out_of_fold_probabilities", "stratified_folds", "youden_threshold",
+]
 
 BINARY_TASK = "binary-class"
 POSITIVE_CLASS = 1  # the class whose probability MedMNIST's binary AUC ranks
@@ -47,7 +48,6 @@ RULE_ARGMAX = "argmax"                   # multi-class / ordinal
 RULE_ARGMAX_PREVALENCE = "argmax-prevalence"  # multi-class / ordinal, prior-corrected
 
 MAX_FOLDS = 5
-ECE_BINS = 15
 
 
 class OperatingPointError(ValueError):
@@ -181,9 +181,6 @@ def argmax_point(task: str, label_names: Sequence[str], *, threshold: float | No
 
 def _finite(v: float | None) -> float | None:
     return None if v is None or not math.isfinite(v) else float(v)
-
-
-# --------------------------------------------------------------------------- rules
 
 
 def bayes_threshold(*, support_prevalence: float, prevalence: float) -> float:
@@ -387,161 +384,3 @@ def choose_threshold(
                               note=note, **cv, **base)
     return OperatingPoint(rule=RULE_YOUDEN_CV, threshold=t_j, youden_j=j, sensitivity=se, specificity=sp,
                           **cv, **base)
-
-
-def predict_probabilities(model: nn.Module, params: Params, data: MedMNISTData, *,
-                          chunk: int = EVAL_CHUNK) -> np.ndarray:
-    """Class probabilities (n, classes) of every image of `data`, converted and scored `chunk` at a time
-    (the chunks of `common.maml.evaluate`, so the same numbers for the same records in the same order)."""
-    n = len(data)
-    if n == 0:
-        raise ValueError("no images to score")
-    parts = [class_probabilities(predict_logits(model, params, data.to_tensor(np.arange(lo, min(lo + chunk, n)))[0]))
-             for lo in range(0, n, chunk)]
-    return np.concatenate(parts)
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def expected_calibration_error(labels: np.ndarray, prob: np.ndarray, *,
-                               bins: int = ECE_BINS) -> tuple[float, list[dict]]:
-    """ECE over `bins` equal-width bins of the max probability (Guo et al. 2017), and the bins."""
-    labels = np.asarray(labels)
-    conf = prob.max(1)
-    correct = (prob.argmax(1) == labels).astype(np.float64)
-    which = np.clip(np.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)  # (lo, hi] bins
-    table, ece = [], 0.0
-    for b in range(bins):
-        m = which == b
-        n = int(m.sum())
-        row = {"lower": b / bins, "upper": (b + 1) / bins, "count": n, "confidence": None, "accuracy": None}
-        if n:
-            row["confidence"], row["accuracy"] = float(conf[m].mean()), float(correct[m].mean())
-            ece += n / labels.size * abs(row["accuracy"] - row["confidence"])
-        table.append(row)
-    return float(ece), table
-
-
-def _rate(num: int, den: int) -> float | None:
-    return float(num) / den if den else None
-
-
-def clinical_metrics(
-    labels: np.ndarray, prob: np.ndarray, threshold: OperatingPoint | float | None, label_names: Sequence[str],
-) -> dict[str, Any]:
-    """AUC, accuracy, sensitivity/specificity at the decision rule, confusion matrix and calibration.
-
-    `threshold`: an `OperatingPoint`, a threshold on P(class 1) (binary), or None for argmax.
-    AUC is `common.maml.roc_auc` (the numbers `evaluate` reports). Binary: sensitivity and
-    specificity of the positive class (class 1); multi-class: one-vs-rest per class. Rates with
-    an empty denominator, and AUC of a single-class set, are None.
-    """
-    names = tuple(label_names)
-    labels = np.asarray(labels, dtype=np.int64)
-    prob = np.asarray(prob, dtype=np.float64)
-    if prob.shape != (labels.size, len(names)):
-        raise ValueError(f"probabilities of shape {prob.shape} for {labels.size} labels and {len(names)} classes")
-    if labels.size == 0:
-        raise ValueError("cannot score an empty set")
-    if isinstance(threshold, OperatingPoint):
-        pred, t = threshold.decide(prob), threshold.threshold
-    elif threshold is not None and len(names) == 2:
-        t = float(threshold)
-        pred = (prob[:, POSITIVE_CLASS] >= t).astype(np.int64)
-    else:
-        pred, t = prob.argmax(1), None
-    c = len(names)
-    cm = np.zeros((c, c), dtype=np.int64)
-    np.add.at(cm, (labels, pred), 1)
-    ece, bins = expected_calibration_error(labels, prob)
-    out: dict[str, Any] = {
-        "n": int(labels.size),
-        "counts": dict(zip(names, map(int, cm.sum(1)))),
-        "auc": _finite(roc_auc(labels, prob, num_classes=c)),
-        "accuracy": float((pred == labels).mean()),
-        "accuracy_argmax": float((prob.argmax(1) == labels).mean()),
-        "decision": "threshold" if t is not None and c == 2 else "argmax",
-        "threshold": t if c == 2 else None,
-    }
-    per_class = {}
-    for k, name in enumerate(names):
-        tp, fn = int(cm[k, k]), int(cm[k].sum() - cm[k, k])
-        fp = int(cm[:, k].sum() - cm[k, k])
-        tn = int(cm.sum() - tp - fn - fp)
-        per_class[name] = {"sensitivity": _rate(tp, tp + fn), "specificity": _rate(tn, tn + fp), "count": tp + fn}
-    if c == 2:
-        pos = names[POSITIVE_CLASS]
-        out.update(positive_class=pos, sensitivity=per_class[pos]["sensitivity"],
-                   specificity=per_class[pos]["specificity"])
-    else:
-        out["per_class"] = per_class
-    out["confusion_matrix"] = {"rows": "true", "columns": "predicted", "labels": list(names),
-                               "matrix": cm.tolist()}
-    out["ece"] = ece
-    out["ece_bins"] = bins
-    return out
-
-
-def plot_roc_reliability(
-    path: str | Path, labels: np.ndarray, prob: np.ndarray, *, label_names: Sequence[str],
-    threshold: OperatingPoint | float | None = None, title: str = "", metrics: Mapping[str, Any] | None = None,
-) -> None:
-    """One PNG: the ROC curve(s) (binary: the positive class, with the operating point; else one
-    vs rest per class present) and the reliability diagram of the max probability. `metrics`:
-    `clinical_metrics` of the same arguments, if already computed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    names = tuple(label_names)
-    labels = np.asarray(labels, dtype=np.int64)
-    prob = np.asarray(prob, dtype=np.float64)
-    m = metrics if metrics is not None else clinical_metrics(labels, prob, threshold, names)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.5))
-    ax1.plot([0, 1], [0, 1], ls=":", color="grey")
-    if len(names) == 2:
-        if len(np.unique(labels)) == 2:
-            fpr, tpr, _ = roc_curve(labels == POSITIVE_CLASS, prob[:, POSITIVE_CLASS])
-            ax1.plot(fpr, tpr, label=f"{names[POSITIVE_CLASS]} (AUC {m['auc']:.3f})")
-        if m["sensitivity"] is not None and m["specificity"] is not None:
-            ax1.plot([1 - m["specificity"]], [m["sensitivity"]], "o", color="red",
-                     label=(f"operating point (t={m['threshold']:.3f})" if m["threshold"] is not None
-                            else "operating point"))
-    else:
-        for k in np.unique(labels):
-            if 0 < (labels == k).sum() < labels.size:
-                fpr, tpr, _ = roc_curve(labels == k, prob[:, k])
-                ax1.plot(fpr, tpr, lw=1, label=names[k][:30])
-    ax1.set_xlabel("1 - specificity")
-    ax1.set_ylabel("sensitivity")
-    ax1.set_title("ROC" + (f" (AUC {m['auc']:.3f})" if m["auc"] is not None else ""))
-    ax1.legend(loc="lower right", fontsize=7)
-    rows = [r for r in m["ece_bins"] if r["count"]]
-    ax2.plot([0, 1], [0, 1], ls=":", color="grey", label="perfect calibration")
-    ax2.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], marker="o", label="observed")
-    for r in rows:
-        ax2.annotate(str(r["count"]), (r["confidence"], r["accuracy"]), fontsize=6, xytext=(3, -8),
-                     textcoords="offset points")
-    ax2.set_xlim(0, 1)
-    ax2.set_ylim(0, 1)
-    ax2.set_xlabel(f"confidence (max probability, {ECE_BINS} bins)")
-    ax2.set_ylabel("accuracy")
-    ax2.set_title(f"reliability (ECE {m['ece']:.3f})")
-    ax2.legend(loc="upper left", fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_write(Path(path)) as fh:
-        fig.savefig(fh, dpi=100, format="png")
-    plt.close(fig)
-
-
-__all__ = [
-    "OperatingPoint", "OperatingPointError", "argmax_point", "bayes_threshold", "choose_threshold",
-    "clinical_metrics", "expected_calibration_error", "out_of_fold_probabilities", "plot_roc_reliability",
-    "predict_probabilities",
-    "stratified_folds", "youden_threshold",
-]

@@ -3,8 +3,9 @@
 `[tool.flwr.app.config]` of the app's pyproject.toml fused with `--run-config` overrides, with
 Flower's own parser (`parse_config_args`, `get_fused_config_from_dir`), then validated by
 `common.config.load_config`. The launcher, the local deployment, the planner, the experiment
-harness, the audit, the benchmark and `client.prepare_hospitals` all read the defaults here, so
-a default lives only in pyproject.toml.
+harness, the audit, the benchmark, `client.prepare_hospitals` and `client.check_data` all read
+the defaults here, so a default lives only in pyproject.toml. It lives outside `server/` so that
+the hospital's commands (`client/`) may use it too.
 """
 
 from __future__ import annotations
