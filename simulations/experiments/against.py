@@ -1,6 +1,6 @@
 """Two comparison outputs against each other, cell by cell: what changed between two designs.
 
-    python -m simulations.experiments.against NEW_DIR OLD_DIR [--out FILE.csv]
+    python -m simulations.experiments.against NEW_DIR OLD_DIR [--out FILE.csv] [--reported validation|test]
 
 Both folders are outputs of `simulations.experiments.compare` (their `report.csv`). For every cell
 they share (dataset, skew, method, epsilon, K) the paired difference NEW - OLD on the same (seed,
@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("new", type=Path)
     ap.add_argument("old", type=Path)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--reported", choices=("validation", "test"), default=None,
+                    help="with cross-fitted reports: only the hospitals of this half (choose a design on the "
+                         "validation half, report it on the test half)")
     args = ap.parse_args(argv)
     import pandas as pd
 
@@ -47,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, pd.errors.ParserError) as err:
         print(f"against: {err}", file=sys.stderr)
         return 2
+    if args.reported:
+        if "reported" not in new.columns or "reported" not in old.columns:
+            print("against: --reported needs cross-fitted reports (a 'reported' column)", file=sys.stderr)
+            return 2
+        new, old = new[new.reported == args.reported], old[old.reported == args.reported]
     table = against(new, old)
     if table.empty:
         print("against: the two reports share no cell (dataset, skew, method, epsilon, K, seed, hospital, draw)",

@@ -608,6 +608,9 @@ def write_tables(exp: Mapping[str, Any], scores, runs, out: Path, command: str) 
     if not loc.empty:
         rows = [loc.assign(epsilon=e) for e in report.epsilon.unique()]
         pairs["local"] = paired(pd.concat([report[report.method != "local"], *rows]), "local")
+    if exp["crossfit"]:  # a design is chosen on one half and reported on the other: each half's pairs alone
+        for half in ("validation", "test"):
+            pairs[f"fedavg-{half}-half"] = paired(report[report.reported == half], "fedavg")
     for name, p in pairs.items():
         if not p.empty:
             p.to_csv(out / f"paired-{name}.csv", index=False)
